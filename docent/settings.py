@@ -1,0 +1,78 @@
+"""The one settings object that flows from the CLI into every stage.
+
+Values come from (highest first) CLI flags, ``DOCENT_*`` environment variables, defaults.
+No other module reads ``os.environ`` for Docent's own configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+IndexType = Literal["auto", "flat", "hnsw", "ivf"]
+SearchMode = Literal["hybrid", "dense", "bm25"]
+
+
+class DocentSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DOCENT_", extra="ignore", validate_assignment=True, populate_by_name=True
+    )
+
+    workspace: Path = Field(
+        default=Path(".docent"),
+        validation_alias=AliasChoices("DOCENT_WORKSPACE", "DOCENT_HOME"),
+        description="Folder that holds everything Docent writes (indexes, RAFT sets, adapters).",
+    )
+    cache_dir: Path = Field(
+        default=Path("~/.cache/docent"),
+        description="Shared cache outside any workspace, e.g. the converted SmolLM2 folder.",
+    )
+
+    # Models. "default" means the embedded model shipped in a PyPI package; anything else is
+    # a local HF model folder or a hub name (used offline from the HF cache).
+    embedder: str = Field(default="default", description="Sentence-transformers model.")
+    generator: str = Field(default="default", description="Causal LM (HF folder or name).")
+    reranker: str | None = Field(default=None, description="Optional cross-encoder model.")
+    device: str = Field(default="cpu", description="torch device for embedding and reranking.")
+
+    # Ingest.
+    # 192 + the title/section line fits MiniLM's 256-token window, so nothing is truncated.
+    chunk_size: int = Field(default=192, ge=32, le=8192, description="Chunk size in tokens.")
+    chunk_overlap: int = Field(default=32, ge=0, description="Overlap between chunks, tokens.")
+    embed_batch_size: int = Field(default=32, ge=1, le=4096)
+    max_file_mb: float = Field(default=50.0, gt=0, description="Larger files are skipped.")
+    index_type: IndexType = Field(default="auto", description="auto: flat below the threshold.")
+    exact_search_limit: int = Field(
+        default=50_000, ge=1, description="With index_type=auto, above this many chunks use IVF."
+    )
+    keep_versions: int = Field(default=2, ge=1, description="Index versions kept on disk.")
+
+    # Retrieval.
+    top_k: int = Field(default=5, ge=1, le=200)
+    search_mode: SearchMode = "hybrid"
+    rrf_k: int = Field(default=60, ge=1, description="Reciprocal rank fusion constant.")
+    candidate_pool: int = Field(
+        default=50, ge=1, description="Hits taken from each retriever before fusion/rerank."
+    )
+
+    @field_validator("workspace", "cache_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _check_overlap(self) -> DocentSettings:
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError(
+                f"chunk_overlap ({self.chunk_overlap}) must be smaller than "
+                f"chunk_size ({self.chunk_size})"
+            )
+        return self
+
+    def with_overrides(self, **overrides: Any) -> DocentSettings:
+        """A copy with the given fields replaced; ``None`` means "not given on the CLI"."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return self.model_validate({**self.model_dump(), **given})

@@ -1,0 +1,157 @@
+"""The retriever: dense (FAISS), BM25, hybrid (RRF) and an optional cross-encoder rerank."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from docent.errors import ConfigError, IndexMismatchError
+from docent.settings import DocentSettings, SearchMode
+from docent.workspace import Workspace
+from ingest import vector_index
+from ingest.embedder import Embedder
+from ingest.store import KnowledgeStore
+from retrieval.filters import Filters
+from retrieval.fusion import reciprocal_rank_fusion
+from retrieval.rerank import CrossEncoderReranker
+
+log = logging.getLogger(__name__)
+MODES = ("hybrid", "dense", "bm25")
+
+
+@dataclass
+class Hit:
+    chunk_id: str
+    vector_id: int
+    score: float
+    text: str
+    source: str
+    title: str | None
+    section: str | None
+    page: int | None
+    collection: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    # Per-stage scores, for debugging and eval: {"dense": 0.61, "bm25": 7.2, "rerank": 3.1}
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def snippet(self, width: int = 200) -> str:
+        flat = " ".join(self.text.split())
+        return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Retriever:
+    """Reads one published version of the knowledge store; ``reload()`` switches to the newest."""
+
+    def __init__(self, settings: DocentSettings, embedder: Embedder | None = None,
+                 reranker: CrossEncoderReranker | None = None) -> None:
+        self.settings = settings
+        self.index_dir = Workspace(settings.workspace).index_dir
+        self.store = KnowledgeStore.open(self.index_dir)
+        self.embedder = embedder or Embedder.from_settings(settings)
+        self._check_embedder()
+        self.reranker = reranker
+        if self.reranker is None and settings.reranker:
+            self.reranker = CrossEncoderReranker(settings.reranker, settings.device)
+
+    @classmethod
+    def from_settings(cls, settings: DocentSettings) -> Retriever:
+        return cls(settings)
+
+    def _check_embedder(self) -> None:
+        built = self.store.manifest.get("embedder")
+        if built != self.embedder.model_id:
+            raise IndexMismatchError(
+                f"the index was built with the embedder {built!r}, but the settings ask for "
+                f"{self.embedder.model_id!r}: run `docent ingest --rebuild PATH...` or set "
+                f"DOCENT_EMBEDDER={built}"
+            )
+
+    @property
+    def version(self) -> str:
+        return self.store.version
+
+    def reload(self) -> bool:
+        """Open the newest published version if it changed. Returns whether it switched."""
+        fresh = KnowledgeStore.open(self.index_dir)
+        if fresh.folder == self.store.folder:
+            fresh.close()
+            return False
+        old, self.store = self.store, fresh  # one assignment: readers see old or new, never mixed
+        self._check_embedder()
+        old.close()
+        return True
+
+    def search(self, query: str, k: int | None = None, mode: SearchMode | None = None,
+               filters: Filters | None = None, rerank: bool | None = None) -> list[Hit]:
+        """The ``k`` best chunks for ``query``, best first."""
+        query = query.strip()
+        if not query:
+            raise ConfigError("the query is empty: ask a question")
+        k = k or self.settings.top_k
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, got {k}")
+        mode = mode or self.settings.search_mode
+        if mode not in MODES:
+            raise ConfigError(f"unknown search mode {mode!r}: use one of {', '.join(MODES)}")
+        store = self.store  # a refresh may swap self.store; this query keeps its version
+        allowed = (filters or Filters()).allowed_ids(store.docstore)
+        if allowed is not None and len(allowed) == 0:
+            return []
+        use_rerank = self.reranker is not None if rerank is None else rerank
+        if use_rerank and self.reranker is None:
+            raise ConfigError("rerank asked for, but no reranker is configured (DOCENT_RERANKER)")
+        pool = max(k, self.settings.candidate_pool) if (mode == "hybrid" or use_rerank) else k
+        started = time.perf_counter()
+        stage_scores: dict[int, dict[str, float]] = {}
+        rankings: list[list[int]] = []
+        if mode in ("dense", "hybrid"):
+            qvec = self.embedder.encode_query(query)
+            scores, ids = vector_index.search(store.vectors, qvec, pool, allowed)
+            rankings.append([int(i) for i in ids])
+            for s, i in zip(scores, ids, strict=True):
+                stage_scores.setdefault(int(i), {})["dense"] = float(s)
+        if mode in ("bm25", "hybrid"):
+            scores, ids = store.lexical.search(query, pool, allowed)
+            rankings.append([int(i) for i in ids])
+            for s, i in zip(scores, ids, strict=True):
+                stage_scores.setdefault(int(i), {})["bm25"] = float(s)
+        if mode == "hybrid":
+            ranked = reciprocal_rank_fusion(rankings, self.settings.rrf_k)
+            for i, s in ranked:
+                stage_scores[i]["rrf"] = s
+        else:
+            key = "dense" if mode == "dense" else "bm25"
+            ranked = [(i, stage_scores[i][key]) for i in rankings[0]]
+        ranked = ranked[:pool]
+        chunks = store.docstore.get_chunks([i for i, _ in ranked])
+        hits = [self._hit(chunks[i], s, stage_scores[i]) for i, s in ranked if i in chunks]
+        if use_rerank and self.reranker is not None:
+            rerank_scores = self.reranker.scores(query, [h.text for h in hits])
+            for hit, s in zip(hits, rerank_scores, strict=True):
+                hit.scores["rerank"] = s
+                hit.score = s
+            hits.sort(key=lambda h: -h.score)
+        log.debug("search %r mode=%s took %.1f ms", query, mode,
+                  1000 * (time.perf_counter() - started))
+        return hits[:k]
+
+    @staticmethod
+    def _hit(chunk: Any, score: float, scores: dict[str, float]) -> Hit:
+        meta = chunk.metadata
+        return Hit(chunk_id=chunk.chunk_id, vector_id=chunk.vector_id, score=float(score),
+                   text=chunk.text, source=str(meta.get("source", "")), title=meta.get("title"),
+                   section=meta.get("section"), page=meta.get("page"),
+                   collection=str(meta.get("collection", "default")), metadata=meta,
+                   scores=dict(scores))
+
+    def close(self) -> None:
+        self.store.close()
+
+
