@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 IndexType = Literal["auto", "flat", "hnsw", "ivf"]
 SearchMode = Literal["hybrid", "dense", "bm25"]
+Fusion = Literal["rrf", "dbsf"]
 
 
 class DocentSettings(BaseSettings):
@@ -53,6 +54,9 @@ class DocentSettings(BaseSettings):
     # Retrieval.
     top_k: int = Field(default=5, ge=1, le=200)
     search_mode: SearchMode = "hybrid"
+    fusion: Fusion = Field(
+        default="rrf", description="Hybrid fusion: rrf (ranks) or dbsf (score distributions)."
+    )
     rrf_k: int = Field(default=60, ge=1, description="Reciprocal rank fusion constant.")
     candidate_pool: int = Field(
         default=50, ge=1, description="Hits taken from each retriever before fusion/rerank."

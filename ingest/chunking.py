@@ -17,6 +17,7 @@ from llama_index.core.node_parser import MarkdownNodeParser, SentenceSplitter
 from llama_index.core.schema import Document
 
 MARKDOWN_FORMATS = {"md", "markdown", "html", "docx"}
+HEADER_SEPARATOR = "\x1f"
 
 
 @dataclass
@@ -49,7 +50,9 @@ class Chunker:
                  tokenize: Callable[[str], list[Any]]) -> None:
         self.splitter = SentenceSplitter(chunk_size=chunk_size, chunk_overlap=chunk_overlap,
                                          tokenizer=tokenize, include_prev_next_rel=False)
-        self.markdown = MarkdownNodeParser(include_prev_next_rel=False)
+        # A separator no heading contains, so "Input/Output" stays one heading.
+        self.markdown = MarkdownNodeParser(include_prev_next_rel=False,
+                                           header_path_separator=HEADER_SEPARATOR)
 
     def chunk(self, doc_id: str, docs: list[Document], base_metadata: dict[str, Any]) -> list[Chunk]:
         """Chunks of all documents read from one source, numbered in reading order."""
@@ -74,7 +77,7 @@ class Chunker:
         sections = []
         for node in self.markdown.get_nodes_from_documents([doc]):
             text = node.get_content()
-            parents = [p for p in str(node.metadata.get("header_path", "")).split("/") if p]
+            parents = [p for p in str(node.metadata.get("header_path", "")).split(HEADER_SEPARATOR) if p]
             first = text.lstrip().split("\n", 1)[0]
             own = first.lstrip("#").strip() if first.startswith("#") else ""
             path = [p for p in [*parents, own] if p]

@@ -33,7 +33,8 @@ class Embedder:
 
     def count_tokens(self, text: str) -> list[Any]:
         """Token ids without special tokens: the unit chunk sizes are measured in."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        # verbose=False: whole sections are longer than the model window, and that is fine here.
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         if not texts:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -135,7 +135,7 @@ def _check_compatible(old: DocStore, embedder: Embedder, index_dir: Path) -> Non
 
 
 def refresh_index(
-    paths: list[Path],
+    paths: Sequence[Path | str],
     settings: DocentSettings,
     *,
     collection: str = "default",
@@ -148,10 +148,10 @@ def refresh_index(
     New or changed chunks are embedded; chunks of changed or deleted documents (under these
     paths) are removed; unchanged ones are kept as they are. Nothing is published when nothing
     changed. Files that cannot be read are skipped and reported; if they were indexed before,
-    their previous chunks stay.
+    their previous chunks stay (except with ``rebuild``, which starts from an empty store).
     """
     started = time.perf_counter()
-    roots = [p.expanduser().resolve() for p in paths]
+    roots = [Path(p).expanduser().resolve() for p in paths]
     missing = [str(p) for p in roots if not p.exists()]
     if missing:
         raise ConfigError(f"no such file or folder: {', '.join(missing)}")
@@ -222,7 +222,7 @@ def _apply(run: _Run, db: DocStore, roots: list[Path], collection: str) -> bool:
             size_mb = path.stat().st_size / 1e6
             if size_mb > run.settings.max_file_mb:
                 raise UnreadableFileError(
-                    f"{size_mb:.1f} MB is over max_file_mb={run.settings.max_file_mb:g} "
+                    f"{size_mb:.4g} MB is over max_file_mb={run.settings.max_file_mb:g} "
                     "(raise DOCENT_MAX_FILE_MB to include it)")
             src.fingerprint = run.fingerprint(path, collection)
             previous = known.get(doc_id)

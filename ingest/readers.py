@@ -21,8 +21,11 @@ TEXT_SUFFIXES = {".txt", ".md", ".markdown"}
 HTML_SUFFIXES = {".html", ".htm"}
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | {".pdf", ".docx", ".jsonl"}
 # Tags whose text is page furniture, not content.
-HTML_BOILERPLATE = ["script", "style", "noscript", "nav", "header", "footer", "aside", "form",
+HTML_BOILERPLATE = ["script", "style", "noscript", "nav", "footer", "aside", "form",
                     "iframe", "svg", "button"]
+HTML_HEADINGS = ["h1", "h2", "h3", "h4", "h5", "h6"]
+HTML_BLOCKS = [*HTML_HEADINGS, "p", "li", "td", "th", "pre", "dt", "dd", "div", "section",
+               "blockquote", "figcaption"]
 JSONL_TEXT_FIELDS = ("text", "content", "body")
 
 
@@ -56,6 +59,8 @@ def read_file(path: Path) -> list[Document]:
 
 
 def _decode(data: bytes) -> str:
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise UnreadableFileError("UTF-16 text: save the file as UTF-8")
     if b"\x00" in data[:8192]:
         raise UnreadableFileError("binary content (NUL bytes) in a text file")
     try:
@@ -65,8 +70,11 @@ def _decode(data: bytes) -> str:
 
 
 def _title_from_markdown(text: str, fallback: str) -> str:
+    in_code = False
     for line in text.splitlines():
-        if line.startswith("# "):
+        if line.lstrip().startswith(("```", "~~~")):
+            in_code = not in_code
+        elif not in_code and line.startswith("# "):
             return line[2:].strip()
     return fallback
 
@@ -86,15 +94,22 @@ def _read_html(path: Path, data: bytes) -> list[Document]:
         tag.decompose()
     for tag in soup.select('[role="navigation"], [class*="cookie"], [id*="cookie"]'):
         tag.decompose()
+    for tag in soup("header"):
+        # A site header is furniture; an article's own header carries its title.
+        if not tag.find_parent(["main", "article"]) or not tag.find(HTML_HEADINGS):
+            tag.decompose()
     main = soup.find("main") or soup.find("article") or soup.body or soup
     lines: list[str] = []
-    for el in main.find_all(["h1", "h2", "h3", "h4", "p", "li", "td", "th", "pre", "dt", "dd"]):
-        if el.find(["p", "li", "h1", "h2", "h3", "h4"]):
-            continue  # a container: its children are visited on their own
-        text = " ".join(el.get_text(" ", strip=True).split())
+    for el in main.find_all(HTML_BLOCKS):
+        if el.find(HTML_BLOCKS):
+            # A container: its blocks are visited on their own; keep only its loose text.
+            own = " ".join(t.strip() for t in el.find_all(string=True, recursive=False))
+            text = " ".join(own.split())
+        else:
+            text = " ".join(el.get_text(" ", strip=True).split())
         if not text:
             continue
-        if el.name[0] == "h":
+        if el.name in HTML_HEADINGS:
             lines.append(f"\n{'#' * int(el.name[1])} {text}\n")
         elif el.name == "li":
             lines.append(f"- {text}")

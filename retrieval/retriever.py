@@ -16,7 +16,7 @@ from ingest import vector_index
 from ingest.embedder import Embedder
 from ingest.store import KnowledgeStore
 from retrieval.filters import Filters
-from retrieval.fusion import reciprocal_rank_fusion
+from retrieval.fusion import distribution_based_score_fusion, reciprocal_rank_fusion
 from retrieval.rerank import CrossEncoderReranker
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class Retriever:
         query = query.strip()
         if not query:
             raise ConfigError("the query is empty: ask a question")
-        k = k or self.settings.top_k
+        k = self.settings.top_k if k is None else k
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
         mode = mode or self.settings.search_mode
@@ -111,21 +111,28 @@ class Retriever:
         started = time.perf_counter()
         stage_scores: dict[int, dict[str, float]] = {}
         rankings: list[list[int]] = []
+        scored: list[list[tuple[int, float]]] = []
         if mode in ("dense", "hybrid"):
             qvec = self.embedder.encode_query(query)
             scores, ids = vector_index.search(store.vectors, qvec, pool, allowed)
             rankings.append([int(i) for i in ids])
+            scored.append([(int(i), float(s)) for s, i in zip(scores, ids, strict=True)])
             for s, i in zip(scores, ids, strict=True):
                 stage_scores.setdefault(int(i), {})["dense"] = float(s)
         if mode in ("bm25", "hybrid"):
             scores, ids = store.lexical.search(query, pool, allowed)
             rankings.append([int(i) for i in ids])
+            scored.append([(int(i), float(s)) for s, i in zip(scores, ids, strict=True)])
             for s, i in zip(scores, ids, strict=True):
                 stage_scores.setdefault(int(i), {})["bm25"] = float(s)
         if mode == "hybrid":
-            ranked = reciprocal_rank_fusion(rankings, self.settings.rrf_k)
+            fusion = self.settings.fusion
+            if fusion == "rrf":
+                ranked = reciprocal_rank_fusion(rankings, self.settings.rrf_k)
+            else:
+                ranked = distribution_based_score_fusion(scored)
             for i, s in ranked:
-                stage_scores[i]["rrf"] = s
+                stage_scores[i][fusion] = s
         else:
             key = "dense" if mode == "dense" else "bm25"
             ranked = [(i, stage_scores[i][key]) for i in rankings[0]]

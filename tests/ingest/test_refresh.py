@@ -1,0 +1,239 @@
+"""Incremental refresh, locking, model changes and crash safety, on a real FAISS index."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, write_corpus
+
+from docent.errors import ConfigError, IndexBusyError, IndexMismatchError
+from docent.settings import DocentSettings
+from ingest.pipeline import refresh_index
+from ingest.store import KnowledgeStore, current_version
+
+CORPUS = {
+    "lighthouse.md": "# Lighthouse\n\n## Keeper\n\nThe keeper of the Varrow lighthouse is Ilse "
+    "Montague.\n\n## Lamp\n\nThe lamp turns every 11 seconds and was installed in 1911.\n",
+    "bakery.md": "# Bakery\n\n## Hours\n\nThe Cobble Lane bakery opens at 05:40 on weekdays."
+    "\n\n## Bread\n\nIts rye loaf uses a starter called Old Bertram.\n",
+    "ferry.md": "# Ferry\n\nThe Saltmarsh ferry crosses to Quarry Isle in 27 minutes and "
+    "costs 3.20 EUR for adults.\n",
+    "guide/orchard.md": "# Orchard\n\nThe orchard grows the Pellucid Gold apple, picked "
+    "in the second week of October.\n",
+}
+MUSEUM = {"museum.md": "# Museum\n\nThe Tidewater museum is closed on Tuesdays."}
+
+
+def _settings(tmp_path: Path, **kw) -> DocentSettings:
+    return DocentSettings(workspace=tmp_path / "ws", **kw)
+
+
+def _consistent(settings: DocentSettings) -> KnowledgeStore:
+    """Open the live version and check that docstore, FAISS and BM25 agree."""
+    store = KnowledgeStore.open(settings.workspace / "index")
+    n = store.docstore.count_chunks()
+    assert store.vectors.ntotal == n == len(store.lexical.ids) == store.manifest["n_chunks"]
+    ids = sorted(c.vector_id for c in store.docstore.iter_chunks())
+    assert sorted(store.lexical.ids.tolist()) == ids
+    return store
+
+
+def _top_sources(settings, query: str, embedder) -> list[str]:
+    from retrieval import Retriever
+
+    retriever = Retriever(settings, embedder=embedder)
+    try:
+        return [h.source for h in retriever.search(query, k=3)]
+    finally:
+        retriever.close()
+
+
+def test_rerun_on_unchanged_tree_embeds_nothing(tmp_path, embedder):
+    corpus = write_corpus(tmp_path / "docs", CORPUS)
+    settings = _settings(tmp_path)
+    first = refresh_index([corpus], settings, embedder=embedder)
+    assert first.published and first.added == first.embedded == first.total_chunks > 0
+    assert first.documents == 4 and first.version == "v000001"
+    second = refresh_index([corpus], settings, embedder=embedder)
+    assert not second.published and second.version == "v000001"
+    assert second.embedded == 0 and second.unchanged == first.total_chunks
+    assert second.added == second.updated == second.removed == 0
+    _consistent(settings).close()
+
+
+def test_add_edit_delete_reembeds_only_what_changed(tmp_path, embedder):
+    corpus = write_corpus(tmp_path / "docs", CORPUS)
+    settings = _settings(tmp_path)
+    base = refresh_index([corpus], settings, embedder=embedder)
+
+    write_corpus(corpus, MUSEUM)
+    added = refresh_index([corpus], settings, embedder=embedder)
+    assert added.added == added.embedded == 1
+    assert added.unchanged == base.total_chunks and added.removed == 0
+
+    text = (corpus / "bakery.md").read_text().replace("05:40", "06:15")
+    (corpus / "bakery.md").write_text(text)
+    edited = refresh_index([corpus], settings, embedder=embedder)
+    assert edited.updated == 1 and edited.embedded == 1 and edited.added == 0
+    store = _consistent(settings)
+    texts = " ".join(c.text for c in store.docstore.iter_chunks())
+    store.close()
+    assert "06:15" in texts and "05:40" not in texts
+
+    (corpus / "ferry.md").unlink()
+    deleted = refresh_index([corpus], settings, embedder=embedder)
+    assert deleted.removed == 1 and deleted.embedded == 0 and deleted.documents_removed == 1
+    assert "ferry.md" not in _top_sources(settings, "How long does the Saltmarsh ferry take?",
+                                          embedder)
+    store = _consistent(settings)
+    assert store.version == "v000004"
+    store.close()
+    versions = sorted(p.name for p in (settings.workspace / "index").glob("v*"))
+    assert versions == ["v000003", "v000004"]  # keep_versions=2: older ones are collected
+
+
+def test_refreshing_one_folder_keeps_documents_from_another(tmp_path, embedder):
+    settings = _settings(tmp_path)
+    a = write_corpus(tmp_path / "a", {"one.md": CORPUS["lighthouse.md"]})
+    b = write_corpus(tmp_path / "b", {"two.md": CORPUS["bakery.md"]})
+    refresh_index([a], settings, embedder=embedder)
+    refresh_index([b], settings, embedder=embedder, collection="bakeries")
+    (a / "one.md").unlink()
+    refresh_index([b], settings, embedder=embedder, collection="bakeries")  # a untouched
+    store = _consistent(settings)
+    sources = {c.source: c.metadata["collection"] for c in store.docstore.iter_chunks()}
+    store.close()
+    assert sources == {"one.md": "default", "two.md": "bakeries"}
+
+
+def test_changed_embedder_is_refused_and_rebuild_replaces(tmp_path, embedder):
+    corpus = write_corpus(tmp_path / "docs", CORPUS)
+    settings = _settings(tmp_path)
+    refresh_index([corpus], settings, embedder=embedder)
+    other = copy.copy(embedder)
+    other.model_id = "example/other-embedder"
+    with pytest.raises(IndexMismatchError, match="--rebuild"):
+        refresh_index([corpus], settings, embedder=other)
+    store = _consistent(settings)  # nothing lost
+    assert store.version == "v000001" and store.manifest["embedder"] == embedder.model_id
+    store.close()
+    rebuilt = refresh_index([corpus], settings, embedder=other, rebuild=True)
+    assert rebuilt.published and rebuilt.embedded == rebuilt.total_chunks
+    store = _consistent(settings)
+    assert store.manifest["embedder"] == "example/other-embedder"
+    store.close()
+
+
+def test_changed_chunk_size_rechunks(tmp_path, embedder):
+    corpus = write_corpus(tmp_path / "docs", {"long.md": "# Long\n\n" + " ".join(
+        f"Sentence number {i} mentions the harbour crane Gantry-{i}." for i in range(120))})
+    first = refresh_index([corpus], _settings(tmp_path, chunk_size=192), embedder=embedder)
+    second = refresh_index([corpus], _settings(tmp_path, chunk_size=64, chunk_overlap=8),
+                           embedder=embedder)
+    assert second.published and second.total_chunks > first.total_chunks
+    store = KnowledgeStore.open(tmp_path / "ws" / "index")
+    assert store.manifest["chunk_size"] == 64
+    store.close()
+
+
+def test_second_refresh_while_one_runs_is_refused(tmp_path, embedder):
+    corpus = write_corpus(tmp_path / "docs", CORPUS)
+    settings = _settings(tmp_path)
+    index_dir = settings.workspace / "index"
+    index_dir.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from filelock import FileLock
+        lock = FileLock({str(index_dir / '.lock')!r}); lock.acquire()
+        print('held', flush=True); time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(IndexBusyError, match="another refresh"):
+            refresh_index([corpus], settings, embedder=embedder)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert refresh_index([corpus], settings, embedder=embedder).published  # lock released
+
+
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+from docent.settings import DocentSettings
+from ingest import pipeline, store, vector_index
+from ingest.embedder import Embedder
+
+point, corpus, workspace = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if point == "embed":
+    Embedder.encode = die
+elif point == "write-index":
+    vector_index.write_index = die
+elif point == "rename":
+    store.os.rename = die
+elif point == "pointer":
+    store.os.replace = die
+pipeline.refresh_index([corpus], DocentSettings(workspace=workspace))
+print("survived")
+"""
+
+
+@pytest.mark.parametrize("point", ["embed", "write-index", "rename", "pointer"])
+def test_sigkill_during_refresh_leaves_previous_index_intact(tmp_path, embedder, point):
+    corpus = write_corpus(tmp_path / "docs", CORPUS)
+    settings = _settings(tmp_path)
+    refresh_index([corpus], settings, embedder=embedder)
+    write_corpus(corpus, MUSEUM)
+    (corpus / "ferry.md").unlink()
+
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    proc = subprocess.run([sys.executable, str(script), point, str(corpus),
+                           str(settings.workspace)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+
+    store = _consistent(settings)  # the previous version, whole
+    assert store.version == "v000001"
+    sources = {c.source for c in store.docstore.iter_chunks()}
+    store.close()
+    assert "ferry.md" in sources and "museum.md" not in sources
+    assert current_version(settings.workspace / "index").name == "v000001"
+
+    retry = refresh_index([corpus], settings, embedder=embedder)  # the kill released the lock
+    assert retry.published and retry.added == 1 and retry.removed == 1
+    assert list((settings.workspace / "index").glob(".tmp-*")) == []
+    _consistent(settings).close()
+
+
+def test_reader_keeps_answering_during_refresh_and_switches_on_reload(tmp_path, embedder):
+    from retrieval import Retriever
+
+    corpus = write_corpus(tmp_path / "docs", CORPUS)
+    settings = _settings(tmp_path)
+    refresh_index([corpus], settings, embedder=embedder)
+    retriever = Retriever(settings, embedder=embedder)
+    before = retriever.version
+    write_corpus(corpus, MUSEUM)
+    refresh_index([corpus], settings, embedder=embedder)
+    assert retriever.version == before  # still on the old version, still answering
+    assert retriever.search("Who keeps the Varrow lighthouse?", k=1)[0].source == "lighthouse.md"
+    assert retriever.reload() and retriever.version != before
+    assert retriever.search("When is the Tidewater museum closed?", k=1)[0].source == "museum.md"
+    assert not retriever.reload()
+    retriever.close()
+
+
+def test_missing_path_is_a_clear_error(tmp_path, embedder):
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        refresh_index([tmp_path / "nope"], _settings(tmp_path), embedder=embedder)
