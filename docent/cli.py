@@ -17,13 +17,22 @@ from rich.table import Table
 from docent.errors import DocentError
 from docent.settings import DocentSettings
 
-app = typer.Typer(help="Docent: teach a language model a domain and answer questions about it.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Docent: teach a language model a domain and answer questions about it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 console = Console(stderr=True)
 out = Console()
 
-WorkspaceOpt = Annotated[Path | None, typer.Option(
-    "--workspace", "-w", help="Workspace folder [env: DOCENT_WORKSPACE / DOCENT_HOME; default ./.docent]")]
+WorkspaceOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace",
+        "-w",
+        help="Workspace folder [env: DOCENT_WORKSPACE / DOCENT_HOME; default ./.docent]",
+    ),
+]
 
 
 @app.callback()
@@ -35,8 +44,10 @@ def main(
     # Offline by design: nothing may be fetched from a model hub at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if not verbose:
         from transformers.utils import logging as hf_logging
 
@@ -78,16 +89,23 @@ class _RichProgress:
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("[bold blue]{task.description}"), BarColumn(),
-                    MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                    disable=not sys.stderr.isatty() and not os.environ.get("DOCENT_PROGRESS"))
+    return Progress(
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not sys.stderr.isatty() and not os.environ.get("DOCENT_PROGRESS"),
+    )
 
 
 @app.command()
 def ingest(
     ctx: typer.Context,
     paths: Annotated[list[Path], typer.Argument(help="Files or folders to ingest.")],
-    collection: Annotated[str, typer.Option(help="Collection the documents belong to.")] = "default",
+    collection: Annotated[
+        str, typer.Option(help="Collection the documents belong to.")
+    ] = "default",
     rebuild: Annotated[bool, typer.Option(help="Re-embed everything from scratch.")] = False,
     chunk_size: Annotated[int | None, typer.Option(help="Chunk size in tokens.")] = None,
     chunk_overlap: Annotated[int | None, typer.Option(help="Chunk overlap in tokens.")] = None,
@@ -98,12 +116,22 @@ def ingest(
     """Read, chunk and embed documents; re-running only re-embeds what changed."""
     from ingest.pipeline import refresh_index
 
-    settings = _settings(ctx, chunk_size=chunk_size, chunk_overlap=chunk_overlap,
-                         index_type=index_type, embed_batch_size=batch_size)
+    settings = _settings(
+        ctx,
+        chunk_size=chunk_size,
+        chunk_overlap=chunk_overlap,
+        index_type=index_type,
+        embed_batch_size=batch_size,
+    )
     try:
         with _progress() as progress:
-            report = refresh_index(paths, settings, collection=collection, rebuild=rebuild,
-                                   progress=_RichProgress(progress))
+            report = refresh_index(
+                paths,
+                settings,
+                collection=collection,
+                rebuild=rebuild,
+                progress=_RichProgress(progress),
+            )
     except DocentError as exc:
         _fail(str(exc))
     if as_json:
@@ -112,13 +140,19 @@ def ingest(
     table = Table(title=f"Ingest → {settings.workspace / 'index'} ({report.version})")
     for col in ("added", "updated", "removed", "unchanged", "embedded", "skipped"):
         table.add_column(col, justify="right")
-    table.add_row(*(str(getattr(report, c)) for c in ("added", "updated", "removed",
-                                                       "unchanged", "embedded")),
-                  str(len(report.skipped)))
+    table.add_row(
+        *(
+            str(getattr(report, c))
+            for c in ("added", "updated", "removed", "unchanged", "embedded")
+        ),
+        str(len(report.skipped)),
+    )
     out.print(table)
     status = "published" if report.published else "nothing changed; index left as it was"
-    out.print(f"{report.documents} documents, {report.total_chunks} chunks, "
-              f"{report.index_type} index, {report.seconds:.1f}s: {status}")
+    out.print(
+        f"{report.documents} documents, {report.total_chunks} chunks, "
+        f"{report.index_type} index, {report.seconds:.1f}s: {status}"
+    )
     for source, reason in report.skipped:
         out.print(f"[yellow]skipped[/] {source}: {reason}")
 
@@ -142,13 +176,17 @@ def search(
     settings = _settings(ctx, top_k=k, search_mode=mode, reranker=reranker)
     try:
         retriever = Retriever.from_settings(settings)
-        hits = retriever.search(query, filters=Filters.of(source, section, collection),
-                                rerank=rerank)
+        hits = retriever.search(
+            query, filters=Filters.of(source, section, collection), rerank=rerank
+        )
     except DocentError as exc:
         _fail(str(exc))
     if as_json:
-        out.print_json(json.dumps({"query": query, "version": retriever.version,
-                                   "hits": [h.as_dict() for h in hits]}))
+        out.print_json(
+            json.dumps(
+                {"query": query, "version": retriever.version, "hits": [h.as_dict() for h in hits]}
+            )
+        )
         return
     table = Table(title=f"{settings.search_mode} search: {query}", show_lines=True)
     for col in ("#", "score", "source", "section", "snippet"):
@@ -172,17 +210,16 @@ def models(
     settings = ctx.obj
     try:
         rows = [("embedder", settings.embedder, registry.embedder_path(settings.embedder))]
-        gen = (registry.generator_path(settings.generator, settings.cache_dir) if prepare
-               else "(run with --prepare to convert/cache)")
+        gen = (
+            registry.generator_path(settings.generator, settings.cache_dir)
+            if prepare
+            else "(run with --prepare to convert/cache)"
+        )
         rows.append(("generator", settings.generator, gen))
     except DocentError as exc:
         _fail(str(exc))
-    table = Table(title="Models")
-    for col in ("role", "setting", "local path"):
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*row)
-    out.print(table)
+    for role, setting, path in rows:
+        out.print(f"[bold]{role}[/] ({setting}): {path}", soft_wrap=True)
 
 
 if __name__ == "__main__":

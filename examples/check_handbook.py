@@ -36,11 +36,16 @@ from pypdf import PdfReader
 HANDBOOK = Path(__file__).resolve().parent / "handbook"
 QA_FILE = HANDBOOK / "qa.jsonl"
 CORPUS_SUFFIXES = {".md", ".html", ".pdf", ".docx"}
-BOILERPLATE_MARKERS = ["Careers", "\u00a9 2025 Brindlewood Labs", "Related articles", "Accept all cookies",
-                       "Was this article helpful"]
-STOPWORDS = set("""a an the of to in on for and or is are was be by with from at as it its this that
-what which who whom when where why how do does did can could should would will my our your i we you
-me long much many after before under into than there their they them have has had get gets any per""".split())
+BOILERPLATE_MARKERS = [
+    "Careers",
+    "\u00a9 2025 Brindlewood Labs",
+    "Related articles",
+    "Accept all cookies",
+    "Was this article helpful",
+]
+STOPWORDS = set(
+    ["a", "an", "the", "of", "to", "in", "on", "for", "and", "or", "is", "are", "was", "be", "by", "with", "from", "at", "as", "it", "its", "this", "that", "what", "which", "who", "whom", "when", "where", "why", "how", "do", "does", "did", "can", "could", "should", "would", "will", "my", "our", "your", "i", "we", "you", "me", "long", "much", "many", "after", "before", "under", "into", "than", "there", "their", "they", "them", "have", "has", "had", "get", "gets", "any", "per"]
+)
 
 
 def norm(text: str) -> str:
@@ -83,7 +88,11 @@ def _mentions(text_lower: str, form: str) -> bool:
 
 
 def content_words(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z0-9][a-z0-9_+\-]*", text.lower()) if w not in STOPWORDS and len(w) > 2}
+    return {
+        w
+        for w in re.findall(r"[a-z0-9][a-z0-9_+\-]*", text.lower())
+        if w not in STOPWORDS and len(w) > 2
+    }
 
 
 def main() -> int:
@@ -97,7 +106,10 @@ def main() -> int:
     docs = sorted(p for p in HANDBOOK.iterdir() if p.suffix.lower() in CORPUS_SUFFIXES)
     texts = {p.name: extract(p) for p in docs}
     by_type = collections.Counter(p.suffix.lower() for p in docs)
-    print(f"corpus: {len(docs)} documents " + ", ".join(f"{k}={v}" for k, v in sorted(by_type.items())))
+    print(
+        f"corpus: {len(docs)} documents "
+        + ", ".join(f"{k}={v}" for k, v in sorted(by_type.items()))
+    )
     for name, text in texts.items():
         words = len(text.split())
         if words < 250:
@@ -109,9 +121,15 @@ def main() -> int:
             raw = (HANDBOOK / name).read_text(encoding="utf-8")
             for marker in ("Careers", "Related articles", "&copy; 2025 Brindlewood Labs"):
                 if marker not in raw:
-                    errors.append(f"{name}: expected boilerplate {marker!r} in the page around the article")
+                    errors.append(
+                        f"{name}: expected boilerplate {marker!r} in the page around the article"
+                    )
 
-    rows = [json.loads(line) for line in QA_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for line in QA_FILE.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     required = {"id", "question", "answer", "aliases", "source", "evidence", "split", "answerable"}
     ids = collections.Counter(r.get("id") for r in rows)
     for dup, n in ids.items():
@@ -138,8 +156,14 @@ def main() -> int:
             errors.append(f"{rid}: aliases must be a list")
         counts[(r["split"], r["answerable"])] += 1
         if not r["answerable"]:
-            if r["answer"] != "unanswerable" or r["source"] is not None or r["evidence"] is not None:
-                errors.append(f"{rid}: unanswerable questions need answer 'unanswerable', source/evidence null")
+            if (
+                r["answer"] != "unanswerable"
+                or r["source"] is not None
+                or r["evidence"] is not None
+            ):
+                errors.append(
+                    f"{rid}: unanswerable questions need answer 'unanswerable', source/evidence null"
+                )
             continue
         src = r["source"]
         if src not in texts:
@@ -153,7 +177,9 @@ def main() -> int:
         forms = [r["answer"], *r["aliases"]]
         if not any(f.lower() in evidence.lower() for f in forms if f):
             errors.append(f"{rid}: neither answer nor aliases occur in the evidence")
-        if re.search(r"[.!?] [A-Z]", evidence.rstrip(".")) and not re.search(r"\b(?:e\.g|i\.e)\. ", evidence):
+        if re.search(r"[.!?] [A-Z]", evidence.rstrip(".")) and not re.search(
+            r"\b(?:e\.g|i\.e)\. ", evidence
+        ):
             warnings.append(f"{rid}: evidence may contain more than one sentence")
         # Ambiguity heuristic: another document containing the answer together with
         # most of the question's content words.
@@ -170,8 +196,10 @@ def main() -> int:
                 if any(_mentions(s_low, h) for h in hits):
                     overlap = qwords & content_words(sentence)
                     if len(qwords) and len(overlap) / len(qwords) >= 0.5 and len(overlap) >= 2:
-                        warnings.append(f"{rid}: answer {hits[0]!r} also near question words "
-                                        f"{sorted(overlap)} in {other}: {sentence[:140]!r}")
+                        warnings.append(
+                            f"{rid}: answer {hits[0]!r} also near question words "
+                            f"{sorted(overlap)} in {other}: {sentence[:140]!r}"
+                        )
 
     for name in texts:
         if per_doc[name] < 2:
@@ -192,12 +220,16 @@ def main() -> int:
         errors.append(f"only {answerable_total} answerable questions")
 
     n_train_docs, n_test_docs = len(split_sources["train"]), len(split_sources["test"])
-    print(f"documents: train={n_train_docs} test={n_test_docs} "
-          f"({n_test_docs / max(1, n_train_docs + n_test_docs):.0%} test)")
+    print(
+        f"documents: train={n_train_docs} test={n_test_docs} "
+        f"({n_test_docs / max(1, n_train_docs + n_test_docs):.0%} test)"
+    )
     print(f"test documents: {', '.join(sorted(split_sources['test']))}")
     for split in ("train", "test"):
-        print(f"{split}: {counts[(split, True)]} answerable + {counts[(split, False)]} unanswerable "
-              f"= {counts[(split, True)] + counts[(split, False)]}")
+        print(
+            f"{split}: {counts[(split, True)]} answerable + {counts[(split, False)]} unanswerable "
+            f"= {counts[(split, True)] + counts[(split, False)]}"
+        )
     print(f"total: {len(rows)} questions ({answerable_total} answerable)")
     if args.verbose:
         for name in texts:

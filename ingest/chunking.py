@@ -31,8 +31,9 @@ class Chunk:
     @property
     def embed_text(self) -> str:
         """What the embedder and BM25 see: the chunk with its title and section as context."""
-        heading = " > ".join(x for x in (self.metadata.get("title"), self.metadata.get("section"))
-                             if x)
+        heading = " > ".join(
+            x for x in (self.metadata.get("title"), self.metadata.get("section")) if x
+        )
         return f"{heading}\n{self.text}" if heading else self.text
 
     @property
@@ -46,15 +47,23 @@ def chunk_id_for(doc_id: str, idx: int) -> str:
 
 
 class Chunker:
-    def __init__(self, chunk_size: int, chunk_overlap: int,
-                 tokenize: Callable[[str], list[Any]]) -> None:
-        self.splitter = SentenceSplitter(chunk_size=chunk_size, chunk_overlap=chunk_overlap,
-                                         tokenizer=tokenize, include_prev_next_rel=False)
+    def __init__(
+        self, chunk_size: int, chunk_overlap: int, tokenize: Callable[[str], list[Any]]
+    ) -> None:
+        self.splitter = SentenceSplitter(
+            chunk_size=chunk_size,
+            chunk_overlap=chunk_overlap,
+            tokenizer=tokenize,
+            include_prev_next_rel=False,
+        )
         # A separator no heading contains, so "Input/Output" stays one heading.
-        self.markdown = MarkdownNodeParser(include_prev_next_rel=False,
-                                           header_path_separator=HEADER_SEPARATOR)
+        self.markdown = MarkdownNodeParser(
+            include_prev_next_rel=False, header_path_separator=HEADER_SEPARATOR
+        )
 
-    def chunk(self, doc_id: str, docs: list[Document], base_metadata: dict[str, Any]) -> list[Chunk]:
+    def chunk(
+        self, doc_id: str, docs: list[Document], base_metadata: dict[str, Any]
+    ) -> list[Chunk]:
         """Chunks of all documents read from one source, numbered in reading order."""
         chunks: list[Chunk] = []
         for doc in docs:
@@ -77,8 +86,12 @@ class Chunker:
         sections = []
         for node in self.markdown.get_nodes_from_documents([doc]):
             text = node.get_content()
-            parents = [p for p in str(node.metadata.get("header_path", "")).split(HEADER_SEPARATOR) if p]
-            first = text.lstrip().split("\n", 1)[0]
+            first, _, body = text.lstrip().partition("\n")
+            if first.startswith("#") and not body.strip():
+                continue  # a bare heading: it lives on in the section path of what follows
+            parents = [
+                p for p in str(node.metadata.get("header_path", "")).split(HEADER_SEPARATOR) if p
+            ]
             own = first.lstrip("#").strip() if first.startswith("#") else ""
             path = [p for p in [*parents, own] if p]
             if path and path[0] == doc.metadata.get("title"):

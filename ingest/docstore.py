@@ -103,20 +103,32 @@ class DocStore:
     # documents
     def documents(self) -> dict[str, StoredDocument]:
         rows = self.conn.execute(
-            "SELECT doc_id, path, source, collection, fingerprint, title, n_chunks FROM documents")
+            "SELECT doc_id, path, source, collection, fingerprint, title, n_chunks FROM documents"
+        )
         return {r[0]: StoredDocument(*r) for r in rows}
 
     def upsert_document(self, doc: StoredDocument, updated_at: str) -> None:
         self.conn.execute(
             "INSERT OR REPLACE INTO documents(doc_id, path, source, collection, fingerprint, "
             "title, n_chunks, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (doc.doc_id, doc.path, doc.source, doc.collection, doc.fingerprint, doc.title,
-             doc.n_chunks, updated_at))
+            (
+                doc.doc_id,
+                doc.path,
+                doc.source,
+                doc.collection,
+                doc.fingerprint,
+                doc.title,
+                doc.n_chunks,
+                updated_at,
+            ),
+        )
 
     def delete_document(self, doc_id: str) -> list[int]:
         """Removes a document and its chunks; returns the vector ids that went away."""
-        ids = [r[0] for r in self.conn.execute(
-            "SELECT vector_id FROM chunks WHERE doc_id = ?", (doc_id,))]
+        ids = [
+            r[0]
+            for r in self.conn.execute("SELECT vector_id FROM chunks WHERE doc_id = ?", (doc_id,))
+        ]
         self.conn.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
         self.conn.execute("DELETE FROM documents WHERE doc_id = ?", (doc_id,))
         return ids
@@ -125,17 +137,19 @@ class DocStore:
     def chunk_hashes(self, doc_id: str) -> dict[int, tuple[int, str]]:
         """idx -> (vector_id, text_hash) for one document."""
         rows = self.conn.execute(
-            "SELECT idx, vector_id, text_hash FROM chunks WHERE doc_id = ?", (doc_id,))
+            "SELECT idx, vector_id, text_hash FROM chunks WHERE doc_id = ?", (doc_id,)
+        )
         return {r[0]: (r[1], r[2]) for r in rows}
 
     def vectors_for_hashes(self, hashes: Iterable[str]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
         wanted = list(set(hashes))
         for start in range(0, len(wanted), 500):
-            part = wanted[start:start + 500]
+            part = wanted[start : start + 500]
             marks = ",".join("?" * len(part))
             for h, blob in self.conn.execute(
-                    f"SELECT text_hash, vector FROM chunks WHERE text_hash IN ({marks})", part):
+                f"SELECT text_hash, vector FROM chunks WHERE text_hash IN ({marks})", part
+            ):
                 found[h] = np.frombuffer(blob, dtype=np.float32)
         return found
 
@@ -146,9 +160,16 @@ class DocStore:
         cur = self.conn.execute(
             "INSERT INTO chunks(chunk_id, doc_id, idx, text, text_hash, metadata, vector) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (chunk.chunk_id, chunk.doc_id, chunk.idx, chunk.text, chunk.text_hash,
-             json.dumps(chunk.metadata, ensure_ascii=False),
-             np.asarray(vector, dtype=np.float32).tobytes()))
+            (
+                chunk.chunk_id,
+                chunk.doc_id,
+                chunk.idx,
+                chunk.text,
+                chunk.text_hash,
+                json.dumps(chunk.metadata, ensure_ascii=False),
+                np.asarray(vector, dtype=np.float32).tobytes(),
+            ),
+        )
         return int(cur.lastrowid or 0)
 
     def count_chunks(self) -> int:
@@ -156,7 +177,9 @@ class DocStore:
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         ids, vecs = [], []
-        for vid, blob in self.conn.execute("SELECT vector_id, vector FROM chunks ORDER BY vector_id"):
+        for vid, blob in self.conn.execute(
+            "SELECT vector_id, vector FROM chunks ORDER BY vector_id"
+        ):
             ids.append(vid)
             vecs.append(np.frombuffer(blob, dtype=np.float32))
         if not ids:
@@ -166,18 +189,21 @@ class DocStore:
     def iter_chunks(self) -> Iterator[StoredChunk]:
         rows = self.conn.execute(
             "SELECT vector_id, chunk_id, doc_id, idx, text, text_hash, metadata FROM chunks "
-            "ORDER BY vector_id")
+            "ORDER BY vector_id"
+        )
         for r in rows:
             yield StoredChunk(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]))
 
     def get_chunks(self, vector_ids: list[int]) -> dict[int, StoredChunk]:
         out: dict[int, StoredChunk] = {}
         for start in range(0, len(vector_ids), 500):
-            part = [int(i) for i in vector_ids[start:start + 500]]
+            part = [int(i) for i in vector_ids[start : start + 500]]
             marks = ",".join("?" * len(part))
             rows = self.conn.execute(
                 "SELECT vector_id, chunk_id, doc_id, idx, text, text_hash, metadata FROM chunks "
-                f"WHERE vector_id IN ({marks})", part)
+                f"WHERE vector_id IN ({marks})",
+                part,
+            )
             for r in rows:
                 out[r[0]] = StoredChunk(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]))
         return out

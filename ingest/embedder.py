@@ -21,10 +21,12 @@ class Embedder:
 
         self.model_id = embedder_id(name)
         self.model = SentenceTransformer(embedder_path(name), device=device)
-        dim_of = getattr(self.model, "get_embedding_dimension", None) or \
-            self.model.get_sentence_embedding_dimension
-        self.dim = int(dim_of() or 0)
-        self.max_tokens = int(self.model.max_seq_length)
+        dim_of = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
+        self.dim: int = dim_of() or 0
+        self.max_tokens: int = self.model.max_seq_length or 512
         self.tokenizer = self.model.tokenizer
 
     @classmethod
@@ -39,8 +41,13 @@ class Embedder:
     def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(texts, batch_size=batch_size, show_progress_bar=progress,
-                                    convert_to_numpy=True, normalize_embeddings=True)
+        vectors = self.model.encode(
+            texts,
+            batch_size=batch_size,
+            show_progress_bar=progress,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+        )
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def encode_query(self, query: str) -> np.ndarray:

@@ -24,8 +24,9 @@ def tokenize(texts: list[str]) -> bm25s.tokenization.Tokenized:
 
 
 def tokenize_query(query: str, vocab: dict[str, int]) -> list[list[str]]:
-    tokens = bm25s.tokenize([query], stopwords="en", stemmer=_stemmer(), return_ids=False,
-                            show_progress=False)
+    tokens = bm25s.tokenize(
+        [query], stopwords="en", stemmer=_stemmer(), return_ids=False, show_progress=False
+    )
     return [[t for t in tokens[0] if t in vocab]]
 
 
@@ -57,8 +58,9 @@ class LexicalIndex:
         empty = json.loads((folder / "lexical.json").read_text())["empty"]
         return cls(None if empty else bm25s.BM25.load(str(folder)), ids)
 
-    def search(self, query: str, k: int,
-               allowed_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, query: str, k: int, allowed_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """BM25 scores and vector ids of the best ``k`` rows with a positive score."""
         if self.bm25 is None or k <= 0:
             return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
@@ -69,8 +71,9 @@ class LexicalIndex:
         if allowed_ids is not None:
             mask = np.isin(self.ids, allowed_ids).astype(np.float32)
         k = min(k, len(self.ids))
-        rows, scores = self.bm25.retrieve(query_tokens, k=k, show_progress=False,
-                                          weight_mask=mask, n_threads=1)
+        rows, scores = self.bm25.retrieve(
+            query_tokens, k=k, show_progress=False, weight_mask=mask, n_threads=1
+        )
         rows, scores = rows[0], scores[0]
         keep = scores > 0
         return scores[keep].astype(np.float32), self.ids[rows[keep]]

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from docent.errors import ConfigError, IndexMismatchError
-from docent.models import embedder_id
 from docent.settings import DocentSettings
 from docent.workspace import Workspace
 from ingest import store as kstore
@@ -79,7 +78,9 @@ def iter_sources(roots: list[Path]) -> Iterator[tuple[Path, Path]]:
             rel = path.relative_to(root).as_posix()
             if any(part.startswith(".") for part in Path(rel).parts):
                 continue
-            if any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(path.name, pat) for pat in patterns):
+            if any(
+                fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(path.name, pat) for pat in patterns
+            ):
                 continue
             if path.is_file() and is_supported(path):
                 yield root, path
@@ -101,18 +102,27 @@ def _under(path: str, roots: list[Path]) -> bool:
 class _Run:
     """One refresh: decide, embed, write a new version. State lives here, not in globals."""
 
-    def __init__(self, settings: DocentSettings, embedder: Embedder, report: RefreshReport,
-                 progress: Progress) -> None:
+    def __init__(
+        self,
+        settings: DocentSettings,
+        embedder: Embedder,
+        report: RefreshReport,
+        progress: Progress,
+    ) -> None:
         self.settings = settings
         self.embedder = embedder
         self.report = report
         self.progress = progress
-        self.chunker = Chunker(settings.chunk_size, settings.chunk_overlap,
-                               embedder.count_tokens)
-        self.config_key = json.dumps({
-            "pipeline": PIPELINE_VERSION, "embedder": embedder.model_id,
-            "chunk_size": settings.chunk_size, "chunk_overlap": settings.chunk_overlap,
-        }, sort_keys=True)
+        self.chunker = Chunker(settings.chunk_size, settings.chunk_overlap, embedder.count_tokens)
+        self.config_key = json.dumps(
+            {
+                "pipeline": PIPELINE_VERSION,
+                "embedder": embedder.model_id,
+                "chunk_size": settings.chunk_size,
+                "chunk_overlap": settings.chunk_overlap,
+            },
+            sort_keys=True,
+        )
 
     def fingerprint(self, path: Path, collection: str) -> str:
         digest = hashlib.sha256(self.config_key.encode())
@@ -163,8 +173,12 @@ def refresh_index(
     report = RefreshReport()
     run = _Run(settings, embedder, report, progress)
     if settings.chunk_size > embedder.max_tokens - 2:
-        log.warning("chunk_size %d is above the embedder's %d-token window: chunk tails will "
-                    "not be embedded", settings.chunk_size, embedder.max_tokens)
+        log.warning(
+            "chunk_size %d is above the embedder's %d-token window: chunk tails will "
+            "not be embedded",
+            settings.chunk_size,
+            embedder.max_tokens,
+        )
 
     with kstore.refresh_lock(index_dir):
         kstore.collect_garbage(index_dir, settings.keep_versions)
@@ -223,7 +237,8 @@ def _apply(run: _Run, db: DocStore, roots: list[Path], collection: str) -> bool:
             if size_mb > run.settings.max_file_mb:
                 raise UnreadableFileError(
                     f"{size_mb:.4g} MB is over max_file_mb={run.settings.max_file_mb:g} "
-                    "(raise DOCENT_MAX_FILE_MB to include it)")
+                    "(raise DOCENT_MAX_FILE_MB to include it)"
+                )
             src.fingerprint = run.fingerprint(path, collection)
             previous = known.get(doc_id)
             if previous is not None and previous.fingerprint == src.fingerprint:
@@ -257,8 +272,18 @@ def _apply(run: _Run, db: DocStore, roots: list[Path], collection: str) -> bool:
             # Every chunk of a changed document is rewritten, since its metadata (section,
             # title) can change with the text around it; known vectors are reused, not re-embedded.
             db.delete_chunks([vector_id for vector_id, _ in old.values()])
-            db.upsert_document(StoredDocument(src.doc_id, str(src.path), src.source, collection,
-                                              src.fingerprint, title, len(chunks)), now)
+            db.upsert_document(
+                StoredDocument(
+                    src.doc_id,
+                    str(src.path),
+                    src.source,
+                    collection,
+                    src.fingerprint,
+                    title,
+                    len(chunks),
+                ),
+                now,
+            )
             for chunk in chunks:
                 before = old.get(chunk.idx)
                 if before is None:
@@ -282,7 +307,7 @@ def _vectors_for(run: _Run, db: DocStore, chunks: list[Chunk]) -> dict[str, np.n
     batch = run.settings.embed_batch_size
     for start in range(0, len(todo), batch):
         run.progress("embed", start, len(todo))
-        part = todo[start:start + batch]
+        part = todo[start : start + batch]
         encoded = run.embedder.encode([t for _, t in part], batch_size=batch)
         vectors.update({h: v for (h, _), v in zip(part, encoded, strict=True)})
     run.progress("embed", len(todo), len(todo))
@@ -293,8 +318,9 @@ def _vectors_for(run: _Run, db: DocStore, chunks: list[Chunk]) -> dict[str, np.n
 def _write_indexes(run: _Run, db: DocStore, staging: Path, live: Path | None, number: int) -> None:
     """FAISS and BM25 for the new docstore, plus the manifest."""
     ids, vectors = db.all_vectors()
-    kind = vector_index.choose_kind(run.settings.index_type, len(ids),
-                                    run.settings.exact_search_limit)
+    kind = vector_index.choose_kind(
+        run.settings.index_type, len(ids), run.settings.exact_search_limit
+    )
     dim = run.embedder.dim
     index = _updated_index(live, kind, ids, vectors, dim)
     run.progress("index", 0, 1)
@@ -330,8 +356,7 @@ def _lexical_text(text: str, metadata: dict[str, object]) -> str:
     return f"{heading}\n{text}"
 
 
-def _updated_index(live: Path | None, kind: str, ids: np.ndarray, vectors: np.ndarray,
-                   dim: int):  # type: ignore[no-untyped-def]
+def _updated_index(live: Path | None, kind: str, ids: np.ndarray, vectors: np.ndarray, dim: int):  # type: ignore[no-untyped-def]
     """The live FAISS index patched with removals and additions where its type allows it;
     otherwise (new type, HNSW removals, first build) a fresh build from the stored vectors."""
     if live is not None and len(ids):
@@ -353,4 +378,3 @@ def faiss_ids(index) -> np.ndarray:  # type: ignore[no-untyped-def]
     import faiss
 
     return faiss.vector_to_array(index.id_map).astype(np.int64)
-

@@ -21,11 +21,33 @@ TEXT_SUFFIXES = {".txt", ".md", ".markdown"}
 HTML_SUFFIXES = {".html", ".htm"}
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | {".pdf", ".docx", ".jsonl"}
 # Tags whose text is page furniture, not content.
-HTML_BOILERPLATE = ["script", "style", "noscript", "nav", "footer", "aside", "form",
-                    "iframe", "svg", "button"]
+HTML_BOILERPLATE = [
+    "script",
+    "style",
+    "noscript",
+    "nav",
+    "footer",
+    "aside",
+    "form",
+    "iframe",
+    "svg",
+    "button",
+]
 HTML_HEADINGS = ["h1", "h2", "h3", "h4", "h5", "h6"]
-HTML_BLOCKS = [*HTML_HEADINGS, "p", "li", "td", "th", "pre", "dt", "dd", "div", "section",
-               "blockquote", "figcaption"]
+HTML_BLOCKS = [
+    *HTML_HEADINGS,
+    "p",
+    "li",
+    "td",
+    "th",
+    "pre",
+    "dt",
+    "dd",
+    "div",
+    "section",
+    "blockquote",
+    "figcaption",
+]
 JSONL_TEXT_FIELDS = ("text", "content", "body")
 
 
@@ -66,7 +88,9 @@ def _decode(data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise UnreadableFileError(f"not valid UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise UnreadableFileError(
+            f"not valid UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from exc
 
 
 def _title_from_markdown(text: str, fallback: str) -> str:
@@ -131,8 +155,11 @@ def _read_pdf(path: Path, data: bytes) -> list[Document]:
     for number, page in enumerate(reader.pages, start=1):
         text = page.extract_text() or ""
         if text.strip():
-            docs.append(Document(text=text, metadata={"title": str(meta_title), "page": number,
-                                                      "format": "pdf"}))
+            docs.append(
+                Document(
+                    text=text, metadata={"title": str(meta_title), "page": number, "format": "pdf"}
+                )
+            )
     return docs
 
 
@@ -140,13 +167,15 @@ def _read_docx(path: Path, data: bytes) -> list[Document]:
     import io
 
     import docx
+    from docx.table import Table
+    from docx.text.paragraph import Paragraph
 
     document = docx.Document(io.BytesIO(data))
     lines: list[str] = []
     for block in document.element.body.iterchildren():
         tag = block.tag.rsplit("}", 1)[-1]
         if tag == "p":
-            para = docx.text.paragraph.Paragraph(block, document)
+            para = Paragraph(block, document)
             text = para.text.strip()
             style = (para.style.name if para.style is not None else "") or ""
             if not text:
@@ -158,7 +187,7 @@ def _read_docx(path: Path, data: bytes) -> list[Document]:
             else:
                 lines.append(text + "\n")
         elif tag == "tbl":
-            table = docx.table.Table(block, document)
+            table = Table(block, document)
             for row in table.rows:
                 cells = [" ".join(c.text.split()) for c in row.cells]
                 lines.append(" | ".join(cells))
@@ -180,19 +209,30 @@ def _read_jsonl(path: Path, data: bytes) -> list[Document]:
         except json.JSONDecodeError:
             bad += 1
             continue
-        text = next((record[f] for f in JSONL_TEXT_FIELDS if isinstance(record, dict)
-                     and isinstance(record.get(f), str)), None)
+        text = next(
+            (
+                record[f]
+                for f in JSONL_TEXT_FIELDS
+                if isinstance(record, dict) and isinstance(record.get(f), str)
+            ),
+            None,
+        )
         if not text:
             bad += 1
             continue
         key = str(record.get("id", number))
-        metadata = {k: v for k, v in record.items() if k not in JSONL_TEXT_FIELDS
-                    and isinstance(v, str | int | float) and k != "id"}
+        metadata = {
+            k: v
+            for k, v in record.items()
+            if k not in JSONL_TEXT_FIELDS and isinstance(v, str | int | float) and k != "id"
+        }
         metadata.update({"record": key, "format": "jsonl"})
         metadata.setdefault("title", f"{path.stem} #{key}")
         docs.append(Document(text=text, metadata=metadata))
     if bad:
-        log.warning("%s: %d line(s) without a JSON object with a text field were skipped", path, bad)
+        log.warning(
+            "%s: %d line(s) without a JSON object with a text field were skipped", path, bad
+        )
     if not docs and bad:
         raise UnreadableFileError(
             f"no line is a JSON object with one of the fields {', '.join(JSONL_TEXT_FIELDS)}"

@@ -34,8 +34,13 @@ def build_index(kind: str, vectors: np.ndarray, ids: np.ndarray, dim: int) -> fa
         inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         inner.hnsw.efSearch = HNSW_EF_SEARCH
     elif kind == "ivf":
-        nlist = max(1, min(int(4 * math.sqrt(max(len(vectors), 1))),
-                           len(vectors) // IVF_MIN_TRAIN_PER_LIST or 1))
+        nlist = max(
+            1,
+            min(
+                int(4 * math.sqrt(max(len(vectors), 1))),
+                len(vectors) // IVF_MIN_TRAIN_PER_LIST or 1,
+            ),
+        )
         quantizer = faiss.IndexFlatIP(dim)
         inner = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         if len(vectors):
@@ -62,16 +67,18 @@ def supports_removal(index: faiss.Index) -> bool:
     return index_kind(index) != "hnsw"
 
 
-def search(index: faiss.Index, query: np.ndarray, k: int,
-           allowed_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    index: faiss.Index, query: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Scores and ids of the ``k`` nearest vectors, optionally only among ``allowed_ids``."""
     if index.ntotal == 0 or k <= 0:
         return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
     k = min(k, index.ntotal)
     params = None
     kind = index_kind(index)
-    selector = faiss.IDSelectorBatch(allowed_ids.astype(np.int64)) if allowed_ids is not None \
-        else None
+    selector = (
+        faiss.IDSelectorBatch(allowed_ids.astype(np.int64)) if allowed_ids is not None else None
+    )
     if kind == "hnsw":
         params = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, k))
     elif kind == "ivf":

@@ -19,8 +19,12 @@ class Filters:
     collection: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, source: list[str] | str | None = None, section: str | None = None,
-           collection: list[str] | str | None = None) -> Filters:
+    def of(
+        cls,
+        source: list[str] | str | None = None,
+        section: str | None = None,
+        collection: list[str] | str | None = None,
+    ) -> Filters:
         def tup(v: list[str] | str | None) -> tuple[str, ...]:
             return (v,) if isinstance(v, str) else tuple(v or ())
 
@@ -34,9 +38,12 @@ class Filters:
         """Vector ids that pass, or ``None`` when there is no filter."""
         if self.empty:
             return None
-        where, args = [], []
+        where: list[str] = []
+        args: list[str] = []
         if self.source:
-            where.append(f"json_extract(metadata, '$.source') IN ({','.join('?' * len(self.source))})")
+            where.append(
+                f"json_extract(metadata, '$.source') IN ({','.join('?' * len(self.source))})"
+            )
             args.extend(self.source)
         if self.collection:
             marks = ",".join("?" * len(self.collection))
@@ -46,5 +53,6 @@ class Filters:
             where.append("instr(lower(coalesce(json_extract(metadata, '$.section'), '')), ?) > 0")
             args.append(self.section.lower())
         rows = docstore.conn.execute(
-            f"SELECT vector_id FROM chunks WHERE {' AND '.join(where)}", args)
+            f"SELECT vector_id FROM chunks WHERE {' AND '.join(where)}", args
+        )
         return np.fromiter((r[0] for r in rows), dtype=np.int64)

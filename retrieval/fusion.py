@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = 60) -> list[tuple[int, float]]:
+def reciprocal_rank_fusion(
+    rankings: Sequence[Sequence[int]], k: int = 60
+) -> list[tuple[int, float]]:
     """Ids with their fused score ``sum(1 / (k + rank))``, best first (ties: first seen)."""
     scores: dict[int, float] = {}
     for ranking in rankings:

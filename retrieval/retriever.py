@@ -7,8 +7,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
 from docent.errors import ConfigError, IndexMismatchError
 from docent.settings import DocentSettings, SearchMode
 from docent.workspace import Workspace
@@ -49,8 +47,12 @@ class Hit:
 class Retriever:
     """Reads one published version of the knowledge store; ``reload()`` switches to the newest."""
 
-    def __init__(self, settings: DocentSettings, embedder: Embedder | None = None,
-                 reranker: CrossEncoderReranker | None = None) -> None:
+    def __init__(
+        self,
+        settings: DocentSettings,
+        embedder: Embedder | None = None,
+        reranker: CrossEncoderReranker | None = None,
+    ) -> None:
         self.settings = settings
         self.index_dir = Workspace(settings.workspace).index_dir
         self.store = KnowledgeStore.open(self.index_dir)
@@ -88,8 +90,14 @@ class Retriever:
         old.close()
         return True
 
-    def search(self, query: str, k: int | None = None, mode: SearchMode | None = None,
-               filters: Filters | None = None, rerank: bool | None = None) -> list[Hit]:
+    def search(
+        self,
+        query: str,
+        k: int | None = None,
+        mode: SearchMode | None = None,
+        filters: Filters | None = None,
+        rerank: bool | None = None,
+    ) -> list[Hit]:
         """The ``k`` best chunks for ``query``, best first."""
         query = query.strip()
         if not query:
@@ -145,20 +153,27 @@ class Retriever:
                 hit.scores["rerank"] = s
                 hit.score = s
             hits.sort(key=lambda h: -h.score)
-        log.debug("search %r mode=%s took %.1f ms", query, mode,
-                  1000 * (time.perf_counter() - started))
+        log.debug(
+            "search %r mode=%s took %.1f ms", query, mode, 1000 * (time.perf_counter() - started)
+        )
         return hits[:k]
 
     @staticmethod
     def _hit(chunk: Any, score: float, scores: dict[str, float]) -> Hit:
         meta = chunk.metadata
-        return Hit(chunk_id=chunk.chunk_id, vector_id=chunk.vector_id, score=float(score),
-                   text=chunk.text, source=str(meta.get("source", "")), title=meta.get("title"),
-                   section=meta.get("section"), page=meta.get("page"),
-                   collection=str(meta.get("collection", "default")), metadata=meta,
-                   scores=dict(scores))
+        return Hit(
+            chunk_id=chunk.chunk_id,
+            vector_id=chunk.vector_id,
+            score=float(score),
+            text=chunk.text,
+            source=str(meta.get("source", "")),
+            title=meta.get("title"),
+            section=meta.get("section"),
+            page=meta.get("page"),
+            collection=str(meta.get("collection", "default")),
+            metadata=meta,
+            scores=dict(scores),
+        )
 
     def close(self) -> None:
         self.store.close()
-
-

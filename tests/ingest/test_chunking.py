@@ -16,8 +16,6 @@ from ingest.readers import read_file
 def real_embedder(embedder):
     return embedder  # the session-wide model from conftest
 
-    return Embedder()
-
 
 @pytest.fixture(scope="module")
 def count(real_embedder):
@@ -38,10 +36,31 @@ def md_doc(text: str, title: str | None = None, fmt: str = "md") -> Document:
 # --------------------------------------------------------------------------- token budget
 
 VOCAB = [
-    "refund", "billing", "invoice", "customer", "account", "payment", "shipping", "warehouse",
-    "policy", "the", "a", "of", "to", "and", "is", "are", "supercalifragilisticexpialidocious",
-    "naïve", "café", "Zürich", "2024-01-05", "e-mail",
-    "https://example.com/a/very/long/path?query=1&other=2", "日本語のテキスト", "ünïcödé",
+    "refund",
+    "billing",
+    "invoice",
+    "customer",
+    "account",
+    "payment",
+    "shipping",
+    "warehouse",
+    "policy",
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "is",
+    "are",
+    "supercalifragilisticexpialidocious",
+    "naïve",
+    "café",
+    "Zürich",
+    "2024-01-05",
+    "e-mail",
+    "https://example.com/a/very/long/path?query=1&other=2",
+    "日本語のテキスト",
+    "ünïcödé",
 ]
 
 
@@ -57,8 +76,9 @@ def messy_text(seed: int) -> str:
         if n == 23:
             parts.append("".join(rng.choice("ABCDEFabcdef0123456789+/") for _ in range(1500)))
         words = [rng.choice(VOCAB) for _ in range(rng.randint(1, 90))]
-        parts.append(" ".join(words).capitalize()
-                     + rng.choice([". ", "! ", "? ", "; ", ", ", "\n", "\n\n"]))
+        parts.append(
+            " ".join(words).capitalize() + rng.choice([". ", "! ", "? ", "; ", ", ", "\n", "\n\n"])
+        )
     return "".join(parts)
 
 
@@ -113,14 +133,17 @@ Express costs twelve euros.
 
 def test_markdown_headings_land_in_section_metadata(real_embedder):
     chunks = chunker(real_embedder, 192, 32).chunk(
-        "handbook.md", [md_doc(HANDBOOK, "Handbook")], {"source": "handbook.md"})
+        "handbook.md", [md_doc(HANDBOOK, "Handbook")], {"source": "handbook.md"}
+    )
     by_text = {ch.text.split("\n")[-1]: ch for ch in chunks}
     assert "section" not in by_text["Welcome to the handbook."].metadata  # under the title only
     assert by_text["How billing works."].metadata["section"] == "Billing"
     refunds = by_text["Refunds are processed within five business days."]
     assert refunds.metadata["section"] == "Billing > Refunds"
-    assert by_text["Card refunds appear on the next statement."].metadata["section"] == \
-        "Billing > Refunds > Card refunds"
+    assert (
+        by_text["Card refunds appear on the next statement."].metadata["section"]
+        == "Billing > Refunds > Card refunds"
+    )
     assert by_text["```"].metadata["section"] == "Shipping"  # the code comment is no heading
     assert "# not a heading: a shell comment" in by_text["```"].text
     assert by_text["Express costs twelve euros."].metadata["section"] == "Shipping > Express"
@@ -133,14 +156,16 @@ def test_markdown_headings_land_in_section_metadata(real_embedder):
 
 def test_top_heading_kept_in_section_when_it_is_not_the_title(real_embedder):
     chunks = chunker(real_embedder, 192, 32).chunk(
-        "page.html", [md_doc(HANDBOOK, "Acme | Handbook", fmt="html")], {})
+        "page.html", [md_doc(HANDBOOK, "Acme | Handbook", fmt="html")], {}
+    )
     sections = [ch.metadata.get("section") for ch in chunks]
     assert "Handbook > Billing > Refunds" in sections
 
 
 def test_plain_text_has_no_sections(real_embedder):
-    chunks = chunker(real_embedder, 192, 32).chunk("notes.txt", [md_doc(HANDBOOK, "notes", "txt")],
-                                                   {})
+    chunks = chunker(real_embedder, 192, 32).chunk(
+        "notes.txt", [md_doc(HANDBOOK, "notes", "txt")], {}
+    )
     assert chunks and all("section" not in ch.metadata for ch in chunks)
 
 
@@ -148,9 +173,12 @@ def test_plain_text_has_no_sections(real_embedder):
 def test_html_and_docx_headings_reach_sections(real_embedder, tmp_path, suffix):
     if suffix == "html":
         path = tmp_path / "policy.html"
-        path.write_text("<html><body><nav><p>Menu</p></nav><main><h1>Policy</h1><p>Intro.</p>"
-                        "<h2>Travel</h2><p>Book economy.</p><h3>Abroad</h3><p>Get a visa.</p>"
-                        "</main></body></html>", encoding="utf-8")
+        path.write_text(
+            "<html><body><nav><p>Menu</p></nav><main><h1>Policy</h1><p>Intro.</p>"
+            "<h2>Travel</h2><p>Book economy.</p><h3>Abroad</h3><p>Get a visa.</p>"
+            "</main></body></html>",
+            encoding="utf-8",
+        )
     else:
         import docx
 
@@ -211,8 +239,13 @@ def test_chunk_id_for_is_deterministic():
 
 
 def test_pages_of_one_source_are_numbered_in_reading_order(real_embedder):
-    pages = [Document(text=f"Page {n} says something about topic {n}.",
-                      metadata={"title": "Guide", "page": n, "format": "pdf"}) for n in (1, 2, 3)]
+    pages = [
+        Document(
+            text=f"Page {n} says something about topic {n}.",
+            metadata={"title": "Guide", "page": n, "format": "pdf"},
+        )
+        for n in (1, 2, 3)
+    ]
     chunks = chunker(real_embedder, 192, 32).chunk("guide.pdf", pages, {"source": "guide.pdf"})
     assert [ch.idx for ch in chunks] == [0, 1, 2]
     assert [ch.metadata["page"] for ch in chunks] == [1, 2, 3]
@@ -221,15 +254,18 @@ def test_pages_of_one_source_are_numbered_in_reading_order(real_embedder):
 
 
 def test_embed_text_prefixes_title_and_section():
-    assert Chunk("i", "d", 0, "Body.", {"title": "T", "section": "A > B"}).embed_text == \
-        "T > A > B\nBody."
+    assert (
+        Chunk("i", "d", 0, "Body.", {"title": "T", "section": "A > B"}).embed_text
+        == "T > A > B\nBody."
+    )
     assert Chunk("i", "d", 0, "Body.", {}).embed_text == "Body."
 
 
 # --------------------------------------------------------------------------- overlap
 
-SENTENCES = [f"Sentence {i} explains rule {i} of the refund policy in plain words."
-             for i in range(40)]
+SENTENCES = [
+    f"Sentence {i} explains rule {i} of the refund policy in plain words." for i in range(40)
+]
 
 
 def _sentences_in(text: str) -> list[str]:
@@ -260,8 +296,7 @@ def test_long_paragraph_is_split_with_overlap(real_embedder, count):
 
 def test_unpunctuated_run_is_split_by_words_with_overlap(real_embedder, count):
     words = [f"word{i}" for i in range(400)]
-    chunks = chunker(real_embedder, 64, 16).chunk("w.txt", [md_doc(" ".join(words), fmt="txt")],
-                                                   {})
+    chunks = chunker(real_embedder, 64, 16).chunk("w.txt", [md_doc(" ".join(words), fmt="txt")], {})
     assert len(chunks) > 5
     assert all(count(ch.text) <= 64 for ch in chunks)
     seen = [ch.text.split() for ch in chunks]

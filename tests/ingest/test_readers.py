@@ -44,8 +44,9 @@ def make_docx(path: Path) -> Path:
     document.add_heading("Leave", level=2)
     document.add_paragraph("Every employee gets 25 days of paid leave per year.")
     table = document.add_table(rows=3, cols=2)
-    for r, (kind, days) in enumerate([("Type", "Days"), ("Sick leave", "10"),
-                                      ("Parental leave", "90")]):
+    for r, (kind, days) in enumerate(
+        [("Type", "Days"), ("Sick leave", "10"), ("Parental leave", "90")]
+    ):
         table.cell(r, 0).text = kind
         table.cell(r, 1).text = days
     document.add_heading("Expenses", level=2)
@@ -70,8 +71,10 @@ def lines_of(text: str) -> list[str]:
 
 
 def test_txt_whole_text_and_stem_title(tmp_path):
-    path = write(tmp_path / "shipping-notes.txt",
-                 "# not a heading in a .txt file\nShipping is free above 50 EUR.\n")
+    path = write(
+        tmp_path / "shipping-notes.txt",
+        "# not a heading in a .txt file\nShipping is free above 50 EUR.\n",
+    )
     docs = read_file(path)
     assert len(docs) == 1
     assert docs[0].text == "# not a heading in a .txt file\nShipping is free above 50 EUR.\n"
@@ -79,9 +82,11 @@ def test_txt_whole_text_and_stem_title(tmp_path):
 
 
 def test_md_title_from_first_h1_heading(tmp_path):
-    path = write(tmp_path / "policy.md",
-                 "Draft, do not share\n\n## Preface\nSome preface.\n\n# Refund Policy\n\n"
-                 "Refunds take five days.\n\n# Second Top Heading\nMore.\n")
+    path = write(
+        tmp_path / "policy.md",
+        "Draft, do not share\n\n## Preface\nSome preface.\n\n# Refund Policy\n\n"
+        "Refunds take five days.\n\n# Second Top Heading\nMore.\n",
+    )
     docs = read_file(path)
     assert len(docs) == 1
     assert docs[0].metadata == {"title": "Refund Policy", "format": "md"}
@@ -105,18 +110,31 @@ def test_md_without_h1_falls_back_to_stem_and_bom_is_dropped(tmp_path):
 
 
 def test_md_title_ignores_comment_lines_in_code_fences(tmp_path):
-    path = write(tmp_path / "readme.md",
-                 "```bash\n# install the dependencies\npip install docent\n```\n\n"
-                 "# Docent Readme\n\nBody.\n")
+    path = write(
+        tmp_path / "readme.md",
+        "```bash\n# install the dependencies\npip install docent\n```\n\n"
+        "# Docent Readme\n\nBody.\n",
+    )
     assert read_file(path)[0].metadata["title"] == "Docent Readme"
 
 
 # --------------------------------------------------------------------------- HTML
 
 BOILERPLATE = [
-    "We use cookies", "Accept all cookies", "Consent manager", "Acme Home", "Site header text",
-    "Products menu", "Pricing menu", "Skip links", "Related articles sidebar",
-    "Copyright 2024 Acme", "Newsletter signup", "var tracking", ".hidden", "Jump menu",
+    "We use cookies",
+    "Accept all cookies",
+    "Consent manager",
+    "Acme Home",
+    "Site header text",
+    "Products menu",
+    "Pricing menu",
+    "Skip links",
+    "Related articles sidebar",
+    "Copyright 2024 Acme",
+    "Newsletter signup",
+    "var tracking",
+    ".hidden",
+    "Jump menu",
 ]
 
 
@@ -167,8 +185,9 @@ def test_html_boilerplate_removed_and_headings_become_markdown(tmp_path, wrapper
 
 
 def test_html_title_falls_back_to_title_tag_then_stem(tmp_path):
-    page = ("<html><head><title>Shipping FAQ</title></head>"
-            "<body><p>Ships in 2 days.</p></body></html>")
+    page = (
+        "<html><head><title>Shipping FAQ</title></head><body><p>Ships in 2 days.</p></body></html>"
+    )
     [doc] = read_file(write(tmp_path / "ship.htm", page))
     assert doc.metadata["title"] == "Shipping FAQ"
     assert doc.text == "Ships in 2 days."
@@ -183,8 +202,10 @@ def test_html_with_only_boilerplate_is_unreadable(tmp_path):
 
 
 def test_html_article_header_keeps_its_heading(tmp_path):
-    page = ("<html><body><header><p>Site banner</p></header><article><header>"
-            "<h1>Travel policy</h1></header><p>Book economy class.</p></article></body></html>")
+    page = (
+        "<html><body><header><p>Site banner</p></header><article><header>"
+        "<h1>Travel policy</h1></header><p>Book economy class.</p></article></body></html>"
+    )
     [doc] = read_file(write(tmp_path / "travel.html", page))
     assert "Site banner" not in doc.text
     assert "# Travel policy" in lines_of(doc.text)
@@ -192,16 +213,20 @@ def test_html_article_header_keeps_its_heading(tmp_path):
 
 
 def test_html_text_directly_in_divs_is_kept(tmp_path):
-    page = ("<html><body><main><div class='content'>Our office opens at nine.</div>"
-            "<blockquote>Quality first.</blockquote></main></body></html>")
+    page = (
+        "<html><body><main><div class='content'>Our office opens at nine.</div>"
+        "<blockquote>Quality first.</blockquote></main></body></html>"
+    )
     [doc] = read_file(write(tmp_path / "divs.html", page))
     assert "Our office opens at nine." in doc.text
     assert "Quality first." in doc.text
 
 
 def test_html_nested_list_parent_text_and_h5_kept(tmp_path):
-    page = ("<html><body><main><h1>Assets</h1><ul><li>Hardware<ul><li>Laptops</li></ul></li>"
-            "</ul><h5>Small print</h5><p>Return on leaving.</p></main></body></html>")
+    page = (
+        "<html><body><main><h1>Assets</h1><ul><li>Hardware<ul><li>Laptops</li></ul></li>"
+        "</ul><h5>Small print</h5><p>Return on leaving.</p></main></body></html>"
+    )
     [doc] = read_file(write(tmp_path / "assets.html", page))
     assert "Hardware" in doc.text
     assert "Small print" in doc.text
@@ -211,9 +236,16 @@ def test_html_nested_list_parent_text_and_h5_kept(tmp_path):
 
 
 def test_pdf_one_document_per_page(tmp_path):
-    path = write(tmp_path / "guide.pdf", make_pdf(
-        ["Refunds are processed within five business days.",
-         "Shipping takes two to four days in Europe."], title="Customer Guide"))
+    path = write(
+        tmp_path / "guide.pdf",
+        make_pdf(
+            [
+                "Refunds are processed within five business days.",
+                "Shipping takes two to four days in Europe.",
+            ],
+            title="Customer Guide",
+        ),
+    )
     docs = read_file(path)
     assert [d.metadata["page"] for d in docs] == [1, 2]
     assert "Refunds are processed within five business days." in " ".join(docs[0].text.split())
@@ -250,8 +282,16 @@ def test_docx_headings_become_markdown_and_table_text_is_kept(tmp_path):
 
 def test_jsonl_one_document_per_usable_line(tmp_path, caplog):
     records = [
-        json.dumps({"id": "faq-1", "text": "Refunds take five days.", "category": "billing",
-                    "lang": "en", "tags": ["money"], "extra": {"k": 1}}),
+        json.dumps(
+            {
+                "id": "faq-1",
+                "text": "Refunds take five days.",
+                "category": "billing",
+                "lang": "en",
+                "tags": ["money"],
+                "extra": {"k": 1},
+            }
+        ),
         "{not json at all",
         json.dumps({"id": "faq-2", "content": "Shipping is free.", "title": "Shipping"}),
         json.dumps([1, 2, 3]),
@@ -264,8 +304,12 @@ def test_jsonl_one_document_per_usable_line(tmp_path, caplog):
     path = write(tmp_path / "faq.jsonl", "\n".join(records) + "\n")
     with caplog.at_level(logging.WARNING, logger="ingest.readers"):
         docs = read_file(path)
-    assert [d.text for d in docs] == ["Refunds take five days.", "Shipping is free.",
-                                      "Returns need a receipt.", "A record without an id."]
+    assert [d.text for d in docs] == [
+        "Refunds take five days.",
+        "Shipping is free.",
+        "Returns need a receipt.",
+        "A record without an id.",
+    ]
     assert [d.metadata["record"] for d in docs] == ["faq-1", "faq-2", "7", "9"]  # id, else line
     first = docs[0].metadata
     assert first["category"] == "billing" and first["lang"] == "en"
@@ -279,11 +323,18 @@ def test_jsonl_one_document_per_usable_line(tmp_path, caplog):
 
 
 def test_jsonl_without_any_usable_line_is_unreadable(tmp_path):
-    path = write(tmp_path / "broken.jsonl",
-                 "{oops\n[1, 2]\n" + json.dumps({"title": "no text"}) + "\n"
-                 + json.dumps({"text": None}) + "\n")
-    with pytest.raises(UnreadableFileError, match="no line is a JSON object with one of the "
-                                                  "fields text, content, body"):
+    path = write(
+        tmp_path / "broken.jsonl",
+        "{oops\n[1, 2]\n"
+        + json.dumps({"title": "no text"})
+        + "\n"
+        + json.dumps({"text": None})
+        + "\n",
+    )
+    with pytest.raises(
+        UnreadableFileError,
+        match="no line is a JSON object with one of the fields text, content, body",
+    ):
         read_file(path)
 
 
@@ -302,20 +353,38 @@ def _zip_garbage() -> bytes:
 BAD_INPUTS = {
     "empty": ("empty.txt", b"", "empty file"),
     "whitespace-only": ("blank.md", b" \n\t\r\n   \n", "empty file"),
-    "binary-txt": ("data.txt", b"header\x00\x01\x02\x03\xff binary",
-                   r"binary content \(NUL bytes\)"),
+    "binary-txt": (
+        "data.txt",
+        b"header\x00\x01\x02\x03\xff binary",
+        r"binary content \(NUL bytes\)",
+    ),
     "binary-jsonl": ("rows.jsonl", b'{"text": "a"}\n\x00\x00\x00', r"binary content \(NUL bytes\)"),
-    "invalid-utf8-md": ("latin1.md", "# Café\nnaïve\n".encode("latin-1"),
-                        r"not valid UTF-8 text \(invalid continuation byte at byte 5\)"),
-    "random-bytes-pdf": ("random.pdf", random.Random(2).randbytes(2000),
-                         "corrupt or unparsable pdf: "),
-    "pdf-header-then-garbage": ("header.pdf", b"%PDF-1.4\n" + random.Random(3).randbytes(500),
-                                "corrupt or unparsable pdf: "),
+    "invalid-utf8-md": (
+        "latin1.md",
+        "# Café\nnaïve\n".encode("latin-1"),
+        r"not valid UTF-8 text \(invalid continuation byte at byte 5\)",
+    ),
+    "random-bytes-pdf": (
+        "random.pdf",
+        random.Random(2).randbytes(2000),
+        "corrupt or unparsable pdf: ",
+    ),
+    "pdf-header-then-garbage": (
+        "header.pdf",
+        b"%PDF-1.4\n" + random.Random(3).randbytes(500),
+        "corrupt or unparsable pdf: ",
+    ),
     "truncated-pdf": ("truncated.pdf", None, "corrupt or unparsable pdf: "),
-    "zip-garbage-docx": ("garbage.docx", None,
-                         "corrupt or unparsable docx: File is not a zip file"),
-    "text-as-docx": ("renamed.docx", b"This is plain text, not a Word file.",
-                     "corrupt or unparsable docx: "),
+    "zip-garbage-docx": (
+        "garbage.docx",
+        None,
+        "corrupt or unparsable docx: File is not a zip file",
+    ),
+    "text-as-docx": (
+        "renamed.docx",
+        b"This is plain text, not a Word file.",
+        "corrupt or unparsable docx: ",
+    ),
     "unsupported-suffix": ("slides.pptx", b"PK\x03\x04 whatever", r"unsupported file type \.pptx"),
     "no-suffix": ("Makefile", b"all:\n\techo hi\n", r"unsupported file type \(none\)"),
 }
@@ -364,15 +433,18 @@ LIMIT_MB = 0.005  # 5 kB: the good files below fit, the "huge" one does not
 def real_embedder(embedder):
     return embedder  # the session-wide model from conftest
 
-    return Embedder()
-
 
 def _corpus(folder: Path) -> Path:
     folder.mkdir(parents=True)
-    write(folder / "refunds.md", "# Refunds\n\nRefunds are processed within five business days."
-                                 "\n\n## Exceptions\n\nGift cards cannot be refunded.\n")
-    write(folder / "guide.pdf", make_pdf(["Orders ship from the Lyon warehouse.",
-                                          "Express delivery costs twelve euros."]))
+    write(
+        folder / "refunds.md",
+        "# Refunds\n\nRefunds are processed within five business days."
+        "\n\n## Exceptions\n\nGift cards cannot be refunded.\n",
+    )
+    write(
+        folder / "guide.pdf",
+        make_pdf(["Orders ship from the Lyon warehouse.", "Express delivery costs twelve euros."]),
+    )
     write(folder / "empty.txt", b"")
     write(folder / "binary.txt", b"\x00\x01\x02 not text \x00")
     write(folder / "broken.pdf", b"%PDF-1.7\n" + random.Random(4).randbytes(300))
@@ -459,8 +531,11 @@ def test_oversized_reason_states_a_size_above_the_limit(tmp_path, real_embedder)
     docs.mkdir()
     write(docs / "ok.txt", "Small file.")
     write(docs / "big.txt", "x" * 8_000)
-    report = refresh_index([docs], DocentSettings(workspace=tmp_path / "ws", max_file_mb=LIMIT_MB),
-                           embedder=real_embedder)
+    report = refresh_index(
+        [docs],
+        DocentSettings(workspace=tmp_path / "ws", max_file_mb=LIMIT_MB),
+        embedder=real_embedder,
+    )
     reason = dict(report.skipped)["big.txt"]
     stated = float(re.match(r"([\d.]+) ?MB", reason).group(1))
     assert stated > LIMIT_MB, reason
@@ -473,7 +548,8 @@ def test_refresh_of_only_bad_files_does_not_abort(tmp_path, real_embedder):
     docs.mkdir()
     write(docs / "empty.md", b"")
     write(docs / "noise.txt", os.urandom(64) + b"\x00")
-    report = refresh_index([docs], DocentSettings(workspace=tmp_path / "ws"),
-                           embedder=real_embedder)
+    report = refresh_index(
+        [docs], DocentSettings(workspace=tmp_path / "ws"), embedder=real_embedder
+    )
     assert sorted(dict(report.skipped)) == ["empty.md", "noise.txt"]
     assert report.total_chunks == 0 and report.documents == 0

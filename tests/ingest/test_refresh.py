@@ -10,12 +10,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, write_corpus
 
 from docent.errors import ConfigError, IndexBusyError, IndexMismatchError
 from docent.settings import DocentSettings
 from ingest.pipeline import refresh_index
 from ingest.store import KnowledgeStore, current_version
+
+from conftest import ROOT, write_corpus
 
 CORPUS = {
     "lighthouse.md": "# Lighthouse\n\n## Keeper\n\nThe keeper of the Varrow lighthouse is Ilse "
@@ -89,8 +90,9 @@ def test_add_edit_delete_reembeds_only_what_changed(tmp_path, embedder):
     (corpus / "ferry.md").unlink()
     deleted = refresh_index([corpus], settings, embedder=embedder)
     assert deleted.removed == 1 and deleted.embedded == 0 and deleted.documents_removed == 1
-    assert "ferry.md" not in _top_sources(settings, "How long does the Saltmarsh ferry take?",
-                                          embedder)
+    assert "ferry.md" not in _top_sources(
+        settings, "How long does the Saltmarsh ferry take?", embedder
+    )
     store = _consistent(settings)
     assert store.version == "v000004"
     store.close()
@@ -131,11 +133,19 @@ def test_changed_embedder_is_refused_and_rebuild_replaces(tmp_path, embedder):
 
 
 def test_changed_chunk_size_rechunks(tmp_path, embedder):
-    corpus = write_corpus(tmp_path / "docs", {"long.md": "# Long\n\n" + " ".join(
-        f"Sentence number {i} mentions the harbour crane Gantry-{i}." for i in range(120))})
+    corpus = write_corpus(
+        tmp_path / "docs",
+        {
+            "long.md": "# Long\n\n"
+            + " ".join(
+                f"Sentence number {i} mentions the harbour crane Gantry-{i}." for i in range(120)
+            )
+        },
+    )
     first = refresh_index([corpus], _settings(tmp_path, chunk_size=192), embedder=embedder)
-    second = refresh_index([corpus], _settings(tmp_path, chunk_size=64, chunk_overlap=8),
-                           embedder=embedder)
+    second = refresh_index(
+        [corpus], _settings(tmp_path, chunk_size=64, chunk_overlap=8), embedder=embedder
+    )
     assert second.published and second.total_chunks > first.total_chunks
     store = KnowledgeStore.open(tmp_path / "ws" / "index")
     assert store.manifest["chunk_size"] == 64
@@ -147,12 +157,20 @@ def test_second_refresh_while_one_runs_is_refused(tmp_path, embedder):
     settings = _settings(tmp_path)
     index_dir = settings.workspace / "index"
     index_dir.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import time
         from filelock import FileLock
-        lock = FileLock({str(index_dir / '.lock')!r}); lock.acquire()
+        lock = FileLock({str(index_dir / ".lock")!r}); lock.acquire()
         print('held', flush=True); time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(IndexBusyError, match="another refresh"):
@@ -198,9 +216,14 @@ def test_sigkill_during_refresh_leaves_previous_index_intact(tmp_path, embedder,
 
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
-    proc = subprocess.run([sys.executable, str(script), point, str(corpus),
-                           str(settings.workspace)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, str(script), point, str(corpus), str(settings.workspace)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
 
     store = _consistent(settings)  # the previous version, whole
@@ -237,3 +260,31 @@ def test_reader_keeps_answering_during_refresh_and_switches_on_reload(tmp_path, 
 def test_missing_path_is_a_clear_error(tmp_path, embedder):
     with pytest.raises(ConfigError, match="no such file or folder"):
         refresh_index([tmp_path / "nope"], _settings(tmp_path), embedder=embedder)
+
+
+@pytest.mark.parametrize(
+    "index_type,limit,expected",
+    [
+        ("hnsw", 50_000, "hnsw"),
+        ("ivf", 50_000, "ivf"),
+        ("auto", 3, "ivf"),
+        ("auto", 50_000, "flat"),
+    ],
+)
+def test_index_type_by_flag_or_size_survives_removals(
+    tmp_path, embedder, index_type, limit, expected
+):
+    from ingest import vector_index
+
+    corpus = write_corpus(tmp_path / "docs", CORPUS)
+    settings = _settings(tmp_path, index_type=index_type, exact_search_limit=limit)
+    assert refresh_index([corpus], settings, embedder=embedder).index_type == expected
+    (corpus / "ferry.md").unlink()
+    write_corpus(corpus, MUSEUM)
+    report = refresh_index([corpus], settings, embedder=embedder)
+    assert report.index_type == expected and report.removed == 1 and report.added == 1
+    store = _consistent(settings)
+    assert vector_index.index_kind(store.vectors) == expected
+    store.close()
+    top = _top_sources(settings, "When is the Tidewater museum closed?", embedder)
+    assert top[0] == "museum.md" and "ferry.md" not in top

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import HANDBOOK, write_corpus
 
 from docent.errors import ConfigError, EmptyIndexError
 from docent.settings import DocentSettings
 from retrieval import Filters, Retriever
 from retrieval.fusion import reciprocal_rank_fusion
+
+from conftest import HANDBOOK, write_corpus
 
 
 def _qa(split: str | None = None) -> list[dict]:
@@ -19,8 +20,10 @@ def _qa(split: str | None = None) -> list[dict]:
 
 
 def _hit_rate(retriever: Retriever, rows: list[dict], mode: str, k: int = 5) -> float:
-    found = sum(any(h.source == r["source"] for h in retriever.search(r["question"], k=k, mode=mode))
-                for r in rows)
+    found = sum(
+        any(h.source == r["source"] for h in retriever.search(r["question"], k=k, mode=mode))
+        for r in rows
+    )
     return found / len(rows)
 
 
@@ -62,12 +65,14 @@ def test_hybrid_beats_dense_alone(handbook_retriever):
 
 
 def test_source_filter_is_applied_inside_retrieval(handbook_retriever):
-    hits = handbook_retriever.search("How much does it cost?", k=5,
-                                     filters=Filters.of(source="billing-and-refunds.md"))
+    hits = handbook_retriever.search(
+        "How much does it cost?", k=5, filters=Filters.of(source="billing-and-refunds.md")
+    )
     assert hits and {h.source for h in hits} == {"billing-and-refunds.md"}
     for mode in ("dense", "bm25"):
-        only = handbook_retriever.search("refund", k=3, mode=mode,
-                                         filters=Filters.of(source=["error-codes.md"]))
+        only = handbook_retriever.search(
+            "refund", k=3, mode=mode, filters=Filters.of(source=["error-codes.md"])
+        )
         assert {h.source for h in only} <= {"error-codes.md"}
 
 
@@ -127,11 +132,14 @@ def test_rerank_without_a_reranker_is_a_clear_error(handbook_retriever):
         handbook_retriever.search("support hours", rerank=True)
 
 
-@pytest.mark.parametrize("query,k,mode,match", [
-    ("   ", 5, "hybrid", "empty"),
-    ("refund", 0, "hybrid", "at least 1"),
-    ("refund", 5, "semantic", "unknown search mode"),
-])
+@pytest.mark.parametrize(
+    "query,k,mode,match",
+    [
+        ("   ", 5, "hybrid", "empty"),
+        ("refund", 0, "hybrid", "at least 1"),
+        ("refund", 5, "semantic", "unknown search mode"),
+    ],
+)
 def test_bad_queries_are_clear_errors(handbook_retriever, query, k, mode, match):
     with pytest.raises(ConfigError, match=match):
         handbook_retriever.search(query, k=k, mode=mode)  # type: ignore[arg-type]
