@@ -58,6 +58,7 @@ class DocentSettings(BaseSettings):
         default="rrf", description="Hybrid fusion: rrf (ranks) or dbsf (score distributions)."
     )
     rrf_k: int = Field(default=60, ge=1, description="Reciprocal rank fusion constant.")
+    search_threads: int = Field(default=1, ge=1, description="FAISS threads per query.")
     candidate_pool: int = Field(
         default=50, ge=1, description="Hits taken from each retriever before fusion/rerank."
     )

@@ -39,10 +39,16 @@ CREATE TABLE IF NOT EXISTS chunks (
     text TEXT NOT NULL,
     text_hash TEXT NOT NULL,
     metadata TEXT NOT NULL,
-    vector BLOB NOT NULL
+    vector BLOB NOT NULL,
+    -- Copies of metadata fields that filters select on, indexed so a filter is no table scan.
+    source TEXT NOT NULL,
+    collection TEXT NOT NULL,
+    section TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id, idx);
 CREATE INDEX IF NOT EXISTS chunks_hash ON chunks(text_hash);
+CREATE INDEX IF NOT EXISTS chunks_source ON chunks(source);
+CREATE INDEX IF NOT EXISTS chunks_collection ON chunks(collection);
 """
 
 
@@ -108,9 +114,13 @@ class DocStore:
         return {r[0]: StoredDocument(*r) for r in rows}
 
     def upsert_document(self, doc: StoredDocument, updated_at: str) -> None:
+        # A true upsert: INSERT OR REPLACE would delete the row and cascade to its chunks.
         self.conn.execute(
-            "INSERT OR REPLACE INTO documents(doc_id, path, source, collection, fingerprint, "
-            "title, n_chunks, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO documents(doc_id, path, source, collection, fingerprint, "
+            "title, n_chunks, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(doc_id) DO UPDATE SET path=excluded.path, source=excluded.source, "
+            "collection=excluded.collection, fingerprint=excluded.fingerprint, "
+            "title=excluded.title, n_chunks=excluded.n_chunks, updated_at=excluded.updated_at",
             (
                 doc.doc_id,
                 doc.path,
@@ -158,8 +168,8 @@ class DocStore:
 
     def insert_chunk(self, chunk: Chunk, vector: np.ndarray) -> int:
         cur = self.conn.execute(
-            "INSERT INTO chunks(chunk_id, doc_id, idx, text, text_hash, metadata, vector) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO chunks(chunk_id, doc_id, idx, text, text_hash, metadata, vector, "
+            "source, collection, section) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 chunk.chunk_id,
                 chunk.doc_id,
@@ -168,9 +178,18 @@ class DocStore:
                 chunk.text_hash,
                 json.dumps(chunk.metadata, ensure_ascii=False),
                 np.asarray(vector, dtype=np.float32).tobytes(),
+                *_filter_columns(chunk.metadata),
             ),
         )
         return int(cur.lastrowid or 0)
+
+    def update_metadata(self, vector_id: int, metadata: dict[str, Any]) -> None:
+        """Same text, same vector, same id: only metadata such as the page may have moved."""
+        self.conn.execute(
+            "UPDATE chunks SET metadata = ?, source = ?, collection = ?, section = ? "
+            "WHERE vector_id = ?",
+            (json.dumps(metadata, ensure_ascii=False), *_filter_columns(metadata), vector_id),
+        )
 
     def count_chunks(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
@@ -207,3 +226,11 @@ class DocStore:
             for r in rows:
                 out[r[0]] = StoredChunk(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]))
         return out
+
+
+def _filter_columns(metadata: dict[str, Any]) -> tuple[str, str, str]:
+    return (
+        str(metadata.get("source", "")),
+        str(metadata.get("collection", "default")),
+        str(metadata.get("section") or ""),
+    )

@@ -58,8 +58,16 @@ class LexicalIndex:
         empty = json.loads((folder / "lexical.json").read_text())["empty"]
         return cls(None if empty else bm25s.BM25.load(str(folder)), ids)
 
+    def mask_for(self, allowed_ids: np.ndarray) -> np.ndarray:
+        """bm25s weight mask (1 = may be returned) for a set of vector ids."""
+        return np.isin(self.ids, allowed_ids).astype(np.float32)
+
     def search(
-        self, query: str, k: int, allowed_ids: np.ndarray | None = None
+        self,
+        query: str,
+        k: int,
+        allowed_ids: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """BM25 scores and vector ids of the best ``k`` rows with a positive score."""
         if self.bm25 is None or k <= 0:
@@ -67,9 +75,8 @@ class LexicalIndex:
         query_tokens = tokenize_query(query, self.bm25.vocab_dict)
         if not query_tokens[0]:
             return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
-        mask = None
-        if allowed_ids is not None:
-            mask = np.isin(self.ids, allowed_ids).astype(np.float32)
+        if mask is None and allowed_ids is not None:
+            mask = self.mask_for(allowed_ids)
         k = min(k, len(self.ids))
         rows, scores = self.bm25.retrieve(
             query_tokens, k=k, show_progress=False, weight_mask=mask, n_threads=1

@@ -268,30 +268,31 @@ def _apply(run: _Run, db: DocStore, roots: list[Path], collection: str) -> bool:
         for src, chunks, title in pending:
             old = db.chunk_hashes(src.doc_id)
             new_idx = {c.idx for c in chunks}
-            report.removed += sum(1 for idx in old if idx not in new_idx)
-            # Every chunk of a changed document is rewritten, since its metadata (section,
-            # title) can change with the text around it; known vectors are reused, not re-embedded.
-            db.delete_chunks([vector_id for vector_id, _ in old.values()])
-            db.upsert_document(
-                StoredDocument(
-                    src.doc_id,
-                    str(src.path),
-                    src.source,
-                    collection,
-                    src.fingerprint,
-                    title,
-                    len(chunks),
-                ),
-                now,
+            gone = [vector_id for idx, (vector_id, _) in old.items() if idx not in new_idx]
+            report.removed += len(gone)
+            db.delete_chunks(gone)
+            document = StoredDocument(
+                src.doc_id,
+                str(src.path),
+                src.source,
+                collection,
+                src.fingerprint,
+                title,
+                len(chunks),
             )
+            db.upsert_document(document, now)
             for chunk in chunks:
                 before = old.get(chunk.idx)
+                if before is not None and before[1] == chunk.text_hash:
+                    # Unchanged chunk keeps its id (and so its FAISS entry and RAFT references).
+                    db.update_metadata(before[0], chunk.metadata)
+                    report.unchanged += 1
+                    continue
                 if before is None:
                     report.added += 1
-                elif before[1] != chunk.text_hash:
-                    report.updated += 1
                 else:
-                    report.unchanged += 1
+                    db.delete_chunks([before[0]])
+                    report.updated += 1
                 db.insert_chunk(chunk, vectors[chunk.text_hash])
             report.documents_changed += 1
         db.set_meta("embedder", run.embedder.model_id)
@@ -303,7 +304,10 @@ def _vectors_for(run: _Run, db: DocStore, chunks: list[Chunk]) -> dict[str, np.n
     """Vectors by text hash: reused from the store where the same text was embedded before."""
     wanted = {c.text_hash: c.embed_text for c in chunks}
     vectors = db.vectors_for_hashes(wanted)
-    todo = [(h, t) for h, t in wanted.items() if h not in vectors]
+    # Sorted by length so each batch pads little (sentence-transformers sorts only within a call).
+    todo = sorted(
+        ((h, t) for h, t in wanted.items() if h not in vectors), key=lambda ht: len(ht[1])
+    )
     batch = run.settings.embed_batch_size
     for start in range(0, len(todo), batch):
         run.progress("embed", start, len(todo))
@@ -357,24 +361,20 @@ def _lexical_text(text: str, metadata: dict[str, object]) -> str:
 
 
 def _updated_index(live: Path | None, kind: str, ids: np.ndarray, vectors: np.ndarray, dim: int):  # type: ignore[no-untyped-def]
-    """The live FAISS index patched with removals and additions where its type allows it;
-    otherwise (new type, HNSW removals, first build) a fresh build from the stored vectors."""
+    """The live FAISS index patched with the changes where its type allows it; otherwise
+    (new type, first build, too many HNSW tombstones) a fresh build from the stored vectors."""
     if live is not None and len(ids):
         index = vector_index.read_index(live / kstore.VECTORS)
         if vector_index.index_kind(index) == kind and index.d == dim:
-            old_ids = faiss_ids(index)
+            old_ids = vector_index.ids_of(index)
             gone = np.setdiff1d(old_ids, ids)
             new = np.isin(ids, old_ids, invert=True)
-            if len(gone) == 0 or vector_index.supports_removal(index):
+            if vector_index.supports_removal(index):
                 if len(gone):
                     index.remove_ids(gone.astype(np.int64))
-                if new.any():
-                    index.add_with_ids(vectors[new], ids[new])
-                return index
+            elif len(gone) > vector_index.HNSW_MAX_TOMBSTONES * (len(old_ids) + new.sum()):
+                return vector_index.build_index(kind, vectors, ids, dim)
+            if new.any():
+                index.add_with_ids(vectors[new], ids[new])
+            return index
     return vector_index.build_index(kind, vectors, ids, dim)
-
-
-def faiss_ids(index) -> np.ndarray:  # type: ignore[no-untyped-def]
-    import faiss
-
-    return faiss.vector_to_array(index.id_map).astype(np.int64)

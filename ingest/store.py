@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faiss
+import numpy as np
 from filelock import FileLock, Timeout
 
 from docent.errors import EmptyIndexError, IndexBusyError
@@ -146,12 +148,27 @@ class KnowledgeStore:
             manifest=manifest,
         )
 
+    def __post_init__(self) -> None:
+        # HNSW keeps removed chunks as tombstones: ids in FAISS that the docstore no longer has.
+        self.tombstones = np.zeros(0, dtype=np.int64)
+        if not vector_index.supports_removal(self.vectors):
+            self.tombstones = np.setdiff1d(vector_index.ids_of(self.vectors), self.lexical.ids)
+        self._filter_cache: dict[object, np.ndarray | None] = {}
+
     @property
     def version(self) -> str:
         return self.folder.name
 
     def __len__(self) -> int:
-        return int(self.vectors.ntotal)
+        return int(self.vectors.ntotal - len(self.tombstones))
+
+    def cached(self, key: object, compute: Callable[[], np.ndarray | None]) -> np.ndarray | None:
+        """Per-version cache (e.g. the ids a filter allows): a version never changes."""
+        if key not in self._filter_cache:
+            if len(self._filter_cache) > 256:
+                self._filter_cache.clear()
+            self._filter_cache[key] = compute()
+        return self._filter_cache[key]
 
     def close(self) -> None:
         self.docstore.close()

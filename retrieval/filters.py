@@ -41,16 +41,13 @@ class Filters:
         where: list[str] = []
         args: list[str] = []
         if self.source:
-            where.append(
-                f"json_extract(metadata, '$.source') IN ({','.join('?' * len(self.source))})"
-            )
+            where.append(f"source IN ({','.join('?' * len(self.source))})")
             args.extend(self.source)
         if self.collection:
-            marks = ",".join("?" * len(self.collection))
-            where.append(f"json_extract(metadata, '$.collection') IN ({marks})")
+            where.append(f"collection IN ({','.join('?' * len(self.collection))})")
             args.extend(self.collection)
         if self.section:
-            where.append("instr(lower(coalesce(json_extract(metadata, '$.section'), '')), ?) > 0")
+            where.append("instr(lower(section), ?) > 0")
             args.append(self.section.lower())
         rows = docstore.conn.execute(
             f"SELECT vector_id FROM chunks WHERE {' AND '.join(where)}", args

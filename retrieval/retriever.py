@@ -7,6 +7,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import faiss
+
 from docent.errors import ConfigError, IndexMismatchError
 from docent.settings import DocentSettings, SearchMode
 from docent.workspace import Workspace
@@ -57,6 +59,8 @@ class Retriever:
         self.index_dir = Workspace(settings.workspace).index_dir
         self.store = KnowledgeStore.open(self.index_dir)
         self.embedder = embedder or Embedder.from_settings(settings)
+        # One query at a time per thread: FAISS's own threads only fight the embedder's.
+        faiss.omp_set_num_threads(settings.search_threads)
         self._check_embedder()
         self.reranker = reranker
         if self.reranker is None and settings.reranker:
@@ -109,7 +113,8 @@ class Retriever:
         if mode not in MODES:
             raise ConfigError(f"unknown search mode {mode!r}: use one of {', '.join(MODES)}")
         store = self.store  # a refresh may swap self.store; this query keeps its version
-        allowed = (filters or Filters()).allowed_ids(store.docstore)
+        flt = filters or Filters()
+        allowed = store.cached(flt, lambda: flt.allowed_ids(store.docstore))
         if allowed is not None and len(allowed) == 0:
             return []
         use_rerank = self.reranker is not None if rerank is None else rerank
@@ -122,13 +127,19 @@ class Retriever:
         scored: list[list[tuple[int, float]]] = []
         if mode in ("dense", "hybrid"):
             qvec = self.embedder.encode_query(query)
-            scores, ids = vector_index.search(store.vectors, qvec, pool, allowed)
+            scores, ids = vector_index.search(
+                store.vectors, qvec, pool, allowed, excluded_ids=store.tombstones
+            )
             rankings.append([int(i) for i in ids])
             scored.append([(int(i), float(s)) for s, i in zip(scores, ids, strict=True)])
             for s, i in zip(scores, ids, strict=True):
                 stage_scores.setdefault(int(i), {})["dense"] = float(s)
         if mode in ("bm25", "hybrid"):
-            scores, ids = store.lexical.search(query, pool, allowed)
+            mask = None
+            if allowed is not None:
+                allowed_rows = allowed
+                mask = store.cached(("bm25", flt), lambda: store.lexical.mask_for(allowed_rows))
+            scores, ids = store.lexical.search(query, pool, mask=mask)
             rankings.append([int(i) for i in ids])
             scored.append([(int(i), float(s)) for s, i in zip(scores, ids, strict=True)])
             for s, i in zip(scores, ids, strict=True):

@@ -9,10 +9,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from docent.errors import ConfigError, IndexBusyError, IndexMismatchError
 from docent.settings import DocentSettings
+from ingest import vector_index
 from ingest.pipeline import refresh_index
 from ingest.store import KnowledgeStore, current_version
 
@@ -39,9 +41,10 @@ def _consistent(settings: DocentSettings) -> KnowledgeStore:
     """Open the live version and check that docstore, FAISS and BM25 agree."""
     store = KnowledgeStore.open(settings.workspace / "index")
     n = store.docstore.count_chunks()
-    assert store.vectors.ntotal == n == len(store.lexical.ids) == store.manifest["n_chunks"]
+    assert len(store) == n == len(store.lexical.ids) == store.manifest["n_chunks"]
+    live = np.setdiff1d(vector_index.ids_of(store.vectors), store.tombstones)
     ids = sorted(c.vector_id for c in store.docstore.iter_chunks())
-    assert sorted(store.lexical.ids.tolist()) == ids
+    assert sorted(store.lexical.ids.tolist()) == ids == sorted(live.tolist())
     return store
 
 
@@ -274,8 +277,6 @@ def test_missing_path_is_a_clear_error(tmp_path, embedder):
 def test_index_type_by_flag_or_size_survives_removals(
     tmp_path, embedder, index_type, limit, expected
 ):
-    from ingest import vector_index
-
     corpus = write_corpus(tmp_path / "docs", CORPUS)
     settings = _settings(tmp_path, index_type=index_type, exact_search_limit=limit)
     assert refresh_index([corpus], settings, embedder=embedder).index_type == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -105,11 +106,25 @@ def test_collections_keep_tenants_apart(tmp_path, embedder):
     retriever.close()
 
 
-def test_exact_identifiers_are_found_by_hybrid(handbook_retriever):
-    rows = [r for r in _qa() if any(ch.isdigit() for ch in r["answer"]) and "-" in r["answer"]]
-    for row in rows[:5]:
-        hits = handbook_retriever.search(row["answer"], k=5, mode="hybrid")
-        assert any(row["answer"].lower() in h.text.lower() for h in hits), row
+def _rank_of_code(retriever: Retriever, code: str) -> int | None:
+    hits = retriever.search(f"What does error {code} mean?", k=5)
+    return next((n for n, h in enumerate(hits, start=1) if code in h.text), None)
+
+
+def test_error_codes_are_found_and_dbsf_ranks_them_higher(handbook_settings, embedder):
+    codes = sorted(set(re.findall(r"### (QF-\d+)", (HANDBOOK / "error-codes.md").read_text())))
+    assert len(codes) >= 10
+    ranks = {}
+    for fusion in ("rrf", "dbsf"):
+        retriever = Retriever(handbook_settings.with_overrides(fusion=fusion), embedder=embedder)
+        ranks[fusion] = [_rank_of_code(retriever, c) for c in codes]
+        retriever.close()
+    print(f"rank of the error-code chunk per fusion: {ranks}")
+    in_top5 = {f: sum(r is not None for r in rs) / len(codes) for f, rs in ranks.items()}
+    at_top = {f: sum(r == 1 for r in rs) / len(codes) for f, rs in ranks.items()}
+    assert in_top5["rrf"] >= 0.9 and in_top5["dbsf"] >= 0.9
+    # RRF lets near-ties in the dense list out-vote one decisive BM25 hit; DBSF keeps the margin.
+    assert at_top["dbsf"] > at_top["rrf"]
 
 
 def test_rerank_reorders_the_candidate_pool(handbook_settings, embedder):
