@@ -44,16 +44,19 @@ lint: setup
 	$(BIN)/ruff check docent ingest retrieval raft serving eval tests bench
 	$(BIN)/mypy
 
-# Docent's main job on the embedded defaults: ingest the handbook and answer from it.
+# Docent's main job on the embedded defaults: ingest the handbook, search it, build a RAFT set.
 demo: setup
 	$(BIN)/docent --workspace $(WORKSPACE) models --prepare
 	$(BIN)/docent --workspace $(WORKSPACE) ingest $(CORPUS)
 	$(BIN)/docent --workspace $(WORKSPACE) search "How much does the Pro plan cost per seat?"
-	$(BIN)/docent --workspace $(WORKSPACE) search "What does error QF-4127 mean?" --mode dense -k 3
+	$(BIN)/docent --workspace $(WORKSPACE) search "What does error QF-4127 mean?" -k 3
+	$(BIN)/docent --workspace $(WORKSPACE) raft build --limit 32 --qa-file $(CORPUS)/qa.jsonl
+	$(BIN)/docent --workspace $(WORKSPACE) raft show -n 1
 
 bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/search.py
+	$(BIN)/python bench/raft_build.py
 
 clean:
 	rm -rf $(WORKSPACE) .pytest_cache

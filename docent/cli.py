@@ -199,6 +199,128 @@ def search(
         out.print("[yellow]no matching chunks[/]")
 
 
+raft_app = typer.Typer(help="RAFT training sets: build and inspect.", no_args_is_help=True)
+app.add_typer(raft_app, name="raft")
+
+
+@raft_app.command("build")
+def raft_build(
+    ctx: typer.Context,
+    questions_per_chunk: Annotated[int | None, typer.Option(help="Questions per chunk.")] = None,
+    distractors: Annotated[int | None, typer.Option(help="K distractor chunks.")] = None,
+    p_oracle: Annotated[float | None, typer.Option(help="Fraction P with the oracle.")] = None,
+    refusal_fraction: Annotated[float | None, typer.Option(help="Refusal examples.")] = None,
+    hard_negatives: Annotated[float | None, typer.Option(help="Hard-negative share.")] = None,
+    teacher: Annotated[str, typer.Option(help="local, or an OpenAI-compatible URL.")] = "local",
+    teacher_model: Annotated[str | None, typer.Option(help="Model name at the URL.")] = None,
+    engine: Annotated[str | None, typer.Option(help="Local engine: auto, vllm or hf.")] = None,
+    answer_style: Annotated[str | None, typer.Option(help="auto, extractive or teacher.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use at most N chunks.")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="chat, completion or hf.")] = None,
+    qa_file: Annotated[Path | None, typer.Option(help="Human questions (train split).")] = None,
+    name: Annotated[str | None, typer.Option(help="Dataset name (default: dated).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for mixing and splits.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted build.")] = False,
+    refresh: Annotated[
+        bool, typer.Option(help="Rebuild the latest set after an index change.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Generate questions from chunks, verified CoT answers and RAFT examples."""
+    from raft.build import build_raft_set
+
+    remote = teacher != "local"
+    settings = _settings(
+        ctx,
+        raft_questions_per_chunk=questions_per_chunk,
+        raft_distractors=distractors,
+        raft_p_oracle=p_oracle,
+        raft_refusal_fraction=refusal_fraction,
+        raft_hard_negatives=hard_negatives,
+        raft_answer_style=answer_style,
+        raft_format=fmt,
+        seed=seed,
+        llm_url=teacher if remote else None,
+        llm_model=teacher_model,
+        engine="openai" if remote else engine,
+    )
+    try:
+        with _progress() as progress:
+            report = build_raft_set(
+                settings,
+                limit=limit,
+                name=name,
+                resume=resume,
+                refresh=refresh,
+                qa_file=qa_file,
+                progress=_RichProgress(progress),
+            )
+    except DocentError as exc:
+        _fail(str(exc))
+    if as_json:
+        out.print_json(json.dumps(report.as_dict()))
+        return
+    out.print(f"[bold]{report.name}[/] → {report.folder}")
+    out.print(
+        f"examples: {report.examples}  kinds: {report.kinds}  "
+        f"oracle fraction {report.oracle_fraction:.2f}"
+    )
+    out.print(
+        f"chunks: {report.chunks_generated} generated, {report.chunks_reused} reused "
+        f"(of {report.chunks_total}); questions: {report.questions_generated} proposed, "
+        f"{report.questions_accepted} accepted, {report.human_questions} human"
+    )
+    if report.rejections:
+        out.print("rejected: " + ", ".join(f"{k} {v}" for k, v in report.rejections.items()))
+    if report.dropped_deleted_oracle:
+        out.print(f"dropped {report.dropped_deleted_oracle} oracle chunk(s) deleted from the index")
+
+
+@raft_app.command("show")
+def raft_show(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="Set name (default: the latest).")] = None,
+    split: Annotated[str, typer.Option(help="train, validation or test.")] = "train",
+    n: Annotated[int, typer.Option("-n", help="Examples to print.")] = 2,
+) -> None:
+    """Stats and a few colourised examples of a RAFT set."""
+    from raft import show
+
+    raft_dir = ctx.obj.workspace / "raft"
+    try:
+        folder = show.resolve(raft_dir, name)
+    except DocentError as exc:
+        _fail(str(exc))
+    manifest = show.load_manifest(folder)
+    report = manifest.get("report", {})
+    table = Table(title=f"RAFT set {folder.name}")
+    table.add_column("field")
+    table.add_column("value")
+    for key in ("created", "index_version", "teacher", "answer_style", "format", "dataset_hash"):
+        table.add_row(key, str(manifest.get(key)))
+    for key in (
+        "examples",
+        "kinds",
+        "oracle_fraction",
+        "questions_generated",
+        "questions_accepted",
+        "human_questions",
+        "rejections",
+    ):
+        table.add_row(key, str(report.get(key)))
+    table.add_row("params", json.dumps(manifest.get("params")))
+    out.print(table)
+    for record in show.load_examples(folder, split)[:n]:
+        meta = record["meta"]
+        out.rule(f"{record['id']} · {meta['kind']} · {meta['source']}")
+        out.print(f"[bold]Q:[/] {meta['question']}")
+        out.print(
+            f"context: {len(meta['context_chunks'])} chunks, oracle "
+            f"{'included' if meta['has_oracle'] else 'absent'}"
+        )
+        out.print(show.highlight(show.assistant_text(record)))
+
+
 @app.command()
 def models(
     ctx: typer.Context,

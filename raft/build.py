@@ -1,0 +1,603 @@
+"""``docent raft build``: questions from chunks, verified CoT answers, RAFT examples, splits,
+a versioned dataset folder with a manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from docent.engine import ChatRequest, Engine, build_engine, resolve_engine_kind
+from docent.errors import ConfigError, DocentError, EmptyIndexError
+from docent.prompts import squash
+from docent.settings import DocentSettings
+from docent.workspace import Workspace
+from ingest.docstore import StoredChunk
+from ingest.embedder import Embedder
+from ingest.store import KnowledgeStore
+from raft import answers, questions, spans
+from raft.cache import ChunkResult, GenerationCache
+from raft.dataset import (
+    SPLITS,
+    DistractorPicker,
+    Example,
+    MixSettings,
+    QAItem,
+    assign_splits,
+    make_examples,
+    rng_for,
+)
+from raft.text import sentence_with
+
+log = logging.getLogger(__name__)
+
+PROMPT_VERSION = "1"  # bump when teacher prompts or checks change: the cache is keyed by it
+LATEST = "LATEST"
+BUILDING = "BUILDING.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
+RAFT_FIELDS = (
+    "raft_questions_per_chunk",
+    "raft_distractors",
+    "raft_p_oracle",
+    "raft_refusal_fraction",
+    "raft_hard_negatives",
+    "raft_answer_style",
+    "raft_format",
+    "raft_split",
+    "seed",
+)
+
+Progress = Callable[[str, int, int], None]
+
+
+class RaftBuildError(DocentError):
+    """A RAFT build cannot start or produced nothing usable."""
+
+
+@dataclass
+class BuildReport:
+    name: str
+    folder: str
+    teacher: str
+    index_version: str
+    examples: dict[str, int] = field(default_factory=dict)  # per split
+    kinds: dict[str, int] = field(default_factory=dict)  # oracle / no_oracle / refusal
+    chunks_total: int = 0
+    chunks_generated: int = 0
+    chunks_reused: int = 0
+    questions_generated: int = 0
+    questions_accepted: int = 0
+    human_questions: int = 0
+    rejections: dict[str, int] = field(default_factory=dict)
+    dropped_deleted_oracle: int = 0
+    seconds: float = 0.0
+
+    @property
+    def oracle_fraction(self) -> float:
+        raft = self.kinds.get("oracle", 0) + self.kinds.get("no_oracle", 0)
+        return self.kinds.get("oracle", 0) / raft if raft else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "oracle_fraction": round(self.oracle_fraction, 4)}
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def teacher_id(settings: DocentSettings) -> str:
+    if resolve_engine_kind(settings) == "openai":
+        return f"url:{settings.llm_url}#{settings.llm_model or 'default'}"
+    return f"local:{settings.generator}"
+
+
+def answer_style(settings: DocentSettings) -> str:
+    if settings.raft_answer_style != "auto":
+        return settings.raft_answer_style
+    return "teacher" if resolve_engine_kind(settings) == "openai" else "extractive"
+
+
+def _cache_path(raft_dir: Path, settings: DocentSettings) -> Path:
+    key = json.dumps(
+        {
+            "teacher": teacher_id(settings),
+            "prompts": PROMPT_VERSION,
+            "n": settings.raft_questions_per_chunk,
+            "style": answer_style(settings),
+        },
+        sort_keys=True,
+    )
+    return raft_dir / "cache" / f"gen-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
+
+
+def _select(chunks: list[StoredChunk], limit: int | None, seed: int) -> list[StoredChunk]:
+    """All chunks, or ``limit`` of them spread over the corpus (stable for a seed)."""
+    if limit is None or limit >= len(chunks):
+        return chunks
+    ranked = sorted(chunks, key=lambda c: hashlib.sha256(f"{seed}:{c.chunk_id}".encode()).digest())
+    keep = {c.chunk_id for c in ranked[:limit]}
+    return [c for c in chunks if c.chunk_id in keep]
+
+
+def build_raft_set(
+    settings: DocentSettings,
+    *,
+    limit: int | None = None,
+    name: str | None = None,
+    resume: bool = False,
+    refresh: bool = False,
+    qa_file: Path | None = None,
+    engine: Engine | None = None,
+    embedder: Embedder | None = None,
+    progress: Progress = _no_progress,
+) -> BuildReport:
+    started = time.perf_counter()
+    raft_dir = Workspace(settings.workspace).ensure().raft_dir
+    raft_dir.mkdir(parents=True, exist_ok=True)
+    settings, limit, name, qa_file, previous = _plan(
+        raft_dir, settings, limit, name, resume, refresh, qa_file
+    )
+    if settings.raft_distractors + 1 != settings.top_k:
+        log.warning(
+            "raft_distractors + 1 = %d but top_k = %d: training and serving will see a "
+            "different number of context chunks",
+            settings.raft_distractors + 1,
+            settings.top_k,
+        )
+    store = KnowledgeStore.open(Workspace(settings.workspace).index_dir)
+    chunks = list(store.docstore.iter_chunks())
+    if not chunks:
+        raise EmptyIndexError("the index holds no chunks: run `docent ingest PATH` first")
+    (raft_dir / BUILDING).write_text(
+        json.dumps(
+            {
+                "name": name,
+                "limit": limit,
+                "qa_file": str(qa_file) if qa_file else None,
+                "params": {f: getattr(settings, f) for f in RAFT_FIELDS},
+                "teacher": teacher_id(settings),
+                "started": _now(),
+            }
+        )
+    )
+
+    report = BuildReport(
+        name=name,
+        folder=str(raft_dir / name),
+        teacher=teacher_id(settings),
+        index_version=store.version,
+        chunks_total=len(chunks),
+    )
+    cache = GenerationCache(_cache_path(raft_dir, settings))
+    targets = _select(chunks, limit, settings.seed)
+    todo = [c for c in targets if cache.get(c.chunk_id, c.text_hash) is None]
+    report.chunks_generated, report.chunks_reused = len(todo), len(targets) - len(todo)
+    embedder = embedder or Embedder.from_settings(settings)
+    if todo:
+        owned = engine is None
+        engine = engine or build_engine(settings)
+        from retrieval import Retriever
+
+        retriever = Retriever(settings, embedder=embedder)
+
+        def leads_back(question: str, chunk: StoredChunk) -> bool:
+            # A question its chunk answers should retrieve that chunk.
+            hits = retriever.search(question, k=settings.raft_verify_k)
+            return any(h.chunk_id == chunk.chunk_id for h in hits)
+
+        try:
+            _generate(engine, todo, cache, settings, progress, leads_back)
+        finally:
+            retriever.close()
+            if owned:
+                engine.close()
+
+    results = [cache.get(c.chunk_id, c.text_hash) for c in targets]
+    items, rejections = _collect(results, report)
+    human, qa_splits, human_rejections = _human_items(qa_file, chunks) if qa_file else ([], {}, {})
+    report.human_questions = len(human)
+    rejections.update(human_rejections)
+    items = _dedupe([*human, *items], embedder, rejections)
+    by_id = {c.chunk_id: c for c in chunks}
+    for item in list(items):
+        problems = answers.check_cot(item.cot, by_id[item.chunk_id].text)
+        if problems:  # the last gate: nothing with an unverifiable quote reaches the set
+            rejections[problems[0]] += 1
+            items.remove(item)
+    report.questions_accepted = sum(1 for i in items if i.origin == "teacher")
+    report.rejections = dict(rejections.most_common())
+    if not items:
+        raise RaftBuildError(
+            f"no question survived the checks ({report.rejections or 'teacher produced none'}); "
+            "try more chunks (--limit), a stronger teacher (--teacher URL) or --qa-file"
+        )
+
+    examples = _examples(items, chunks, by_id, settings, qa_splits, embedder, store)
+    if previous:
+        current = set(by_id)
+        report.dropped_deleted_oracle = sum(
+            1 for cid in previous.get("oracle_chunks", []) if cid not in current
+        )
+    _write(raft_dir, name, examples, settings, report, store, limit, qa_file)
+    (raft_dir / BUILDING).unlink(missing_ok=True)
+    store.close()
+    report.seconds = round(time.perf_counter() - started, 2)
+    _rewrite_manifest_report(raft_dir / name, report)
+    return report
+
+
+def _plan(
+    raft_dir: Path,
+    settings: DocentSettings,
+    limit: int | None,
+    name: str | None,
+    resume: bool,
+    refresh: bool,
+    qa_file: Path | None,
+):  # type: ignore[no-untyped-def]
+    """Resolve --resume / --refresh into the settings, limit, name and inputs to use."""
+    if resume and refresh:
+        raise ConfigError("use --resume or --refresh, not both")
+    previous: dict[str, Any] | None = None
+    if resume:
+        state_path = raft_dir / BUILDING
+        if not state_path.exists():
+            raise RaftBuildError("nothing to resume: no interrupted `docent raft build` found")
+        state = json.loads(state_path.read_text())
+        settings = settings.with_overrides(**state["params"])
+        return (
+            settings,
+            state["limit"],
+            state["name"],
+            Path(state["qa_file"]) if state["qa_file"] else None,
+            None,
+        )
+    if refresh:
+        latest = latest_manifest(raft_dir)
+        if latest is None:
+            raise RaftBuildError("nothing to refresh: build a RAFT set first (`docent raft build`)")
+        settings = settings.with_overrides(**latest["params"])
+        limit = latest["limit"]
+        qa_file = Path(latest["qa_file"]) if latest.get("qa_file") else None
+        previous = latest
+    name = name or f"raft-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    if not _NAME.match(name):
+        raise ConfigError(f"dataset name {name!r}: use letters, digits, '.', '_' or '-'")
+    if (raft_dir / name).exists():
+        raise ConfigError(f"a RAFT set named {name!r} exists already: choose another --name")
+    if qa_file is not None and not qa_file.exists():
+        raise ConfigError(f"--qa-file {qa_file} does not exist")
+    return settings, limit, name, qa_file, previous
+
+
+def _generate(
+    engine: Engine,
+    todo: list[StoredChunk],
+    cache: GenerationCache,
+    settings: DocentSettings,
+    progress: Progress,
+    verify: Callable[[str, StoredChunk], bool],
+) -> None:
+    """Teacher questions and answers for ``todo``, batch by batch, each batch cached."""
+    step = settings.raft_batch_chunks
+    progress("generate", 0, len(todo))
+    for start in range(0, len(todo), step):
+        batch = todo[start : start + step]
+        results = [ChunkResult(c.chunk_id, c.text_hash) for c in batch]
+        if answer_style(settings) == "teacher":
+            _open_questions(engine, batch, results, settings)
+        else:
+            _span_questions(engine, batch, results, settings)
+        for chunk, result in zip(batch, results, strict=True):
+            for item in list(result.items):
+                if not verify(item.question, chunk):
+                    result.items.remove(item)
+                    result.rejected.append(
+                        {"question": item.question, "reason": "does_not_retrieve_its_chunk"}
+                    )
+        cache.add(results)
+        progress("generate", min(start + step, len(todo)), len(todo))
+
+
+def _qid(chunk: StoredChunk, question: str) -> str:
+    return "q-" + hashlib.sha256(f"{chunk.chunk_id}\x1f{question}".encode()).hexdigest()[:12]
+
+
+def _span_questions(
+    engine: Engine, batch: list[StoredChunk], results: list[ChunkResult], settings: DocentSettings
+) -> None:
+    """Answer-first (small teachers): Docent picks answer spans, the teacher phrases questions."""
+    asks: list[tuple[int, spans.Span]] = []
+    for i, chunk in enumerate(batch):
+        found = spans.candidate_spans(chunk.text, settings.raft_questions_per_chunk)
+        if not found:
+            results[i].rejected.append({"question": "", "reason": "no_answer_span_in_chunk"})
+        asks.extend((i, span) for span in found)
+    replies = engine.generate(
+        [ChatRequest(spans.question_messages(sp), max_tokens=48) for _, sp in asks]
+    )
+    passed: list[tuple[int, spans.Span, str]] = []
+    for (i, span), reply in zip(asks, replies, strict=True):
+        results[i].generated += 1
+        question = spans.clean_question(reply.text)
+        reason = questions.check_question(question, batch[i].text) or spans.check_span_question(
+            question, span
+        )
+        if reason:
+            results[i].rejected.append({"question": question, "reason": reason})
+        else:
+            passed.append((i, span, question))
+    checks = engine.generate(
+        [ChatRequest(spans.answer_check_messages(q, sp), max_tokens=24) for _, sp, q in passed]
+    )
+    for (i, span, question), check in zip(passed, checks, strict=True):
+        chunk = batch[i]
+        if not spans.round_trip_agrees(check.text, span):
+            results[i].rejected.append({"question": question, "reason": "round_trip_disagrees"})
+            continue
+        made = answers.make_answer(question, span.answer, span.sentence, chunk.source)
+        results[i].items.append(
+            QAItem(
+                qid=_qid(chunk, question),
+                question=question,
+                answer=made.answer,
+                quote=made.quote,
+                cot=made.cot,
+                chunk_id=chunk.chunk_id,
+            )
+        )
+
+
+def _open_questions(
+    engine: Engine, batch: list[StoredChunk], results: list[ChunkResult], settings: DocentSettings
+) -> None:
+    """Strong teachers: open questions, then a chain of thought whose quotes are checked."""
+    n = settings.raft_questions_per_chunk
+    asks = [
+        ChatRequest(
+            questions.question_messages(c.text, c.metadata.get("title"), n), max_tokens=40 * n + 40
+        )
+        for c in batch
+    ]
+    pending: list[tuple[int, str]] = []
+    for i, (chunk, reply) in enumerate(zip(batch, engine.generate(asks), strict=True)):
+        proposed = questions.parse_questions(reply.text)
+        results[i].generated = len(proposed)
+        if not proposed:
+            results[i].rejected.append(
+                {"question": reply.text[:200], "reason": "no_question_parsed"}
+            )
+        for q in proposed[: 2 * n]:
+            reason = questions.check_question(q, chunk.text)
+            if reason:
+                results[i].rejected.append({"question": q, "reason": reason})
+            else:
+                pending.append((i, q))
+    replies = engine.generate(
+        [ChatRequest(answers.cot_messages(q, batch[i].text), max_tokens=384) for i, q in pending]
+    )
+    for (i, q), reply in zip(pending, replies, strict=True):
+        chunk = batch[i]
+        made = answers.teacher_cot_answer(q, reply.text, chunk.text, chunk.source)
+        if isinstance(made, str):
+            results[i].rejected.append({"question": q, "reason": made})
+            continue
+        results[i].items.append(
+            QAItem(
+                qid=_qid(chunk, q),
+                question=q,
+                answer=made.answer,
+                quote=made.quote,
+                cot=made.cot,
+                chunk_id=chunk.chunk_id,
+            )
+        )
+
+
+def _collect(
+    results: Sequence[ChunkResult | None], report: BuildReport
+) -> tuple[list[QAItem], Counter[str]]:
+    items: list[QAItem] = []
+    rejections: Counter[str] = Counter()
+    for result in results:
+        if result is None:
+            continue
+        report.questions_generated += result.generated
+        rejections.update(result.rejections())
+        items.extend(result.items)
+    return items, rejections
+
+
+def _human_items(
+    qa_file: Path, chunks: list[StoredChunk]
+) -> tuple[list[QAItem], dict[str, str], Counter[str]]:
+    """Questions written by people (train split only), attached to the chunk holding their
+    supporting sentence. Their splits also pin the split of their source documents."""
+    rows = []
+    for number, line in enumerate(qa_file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{qa_file}:{number} is not JSON: {exc}") from exc
+    by_source: dict[str, list[StoredChunk]] = {}
+    for c in chunks:
+        by_source.setdefault(c.source, []).append(c)
+    splits: dict[str, str] = {}
+    items: list[QAItem] = []
+    rejected: Counter[str] = Counter()
+    for row in rows:
+        source, split = row.get("source"), row.get("split", "train")
+        if source and split in SPLITS:
+            splits.setdefault(source, split)
+        if split != "train" or not row.get("answerable", True):
+            continue  # only train questions may be trained on
+        oracle, sentence = _locate(row, by_source.get(source or "", []))
+        if oracle is None or sentence is None:
+            rejected["human_evidence_not_indexed"] += 1
+            continue
+        answer = str(row["answer"])
+        made = answers.make_answer(row["question"], answer, sentence, source or "")
+        items.append(
+            QAItem(
+                qid=f"h-{row.get('id', len(items))}",
+                question=row["question"],
+                answer=answer,
+                quote=sentence,
+                cot=made.cot,
+                chunk_id=oracle.chunk_id,
+                origin="human",
+            )
+        )
+    return items, splits, rejected
+
+
+def _locate(
+    row: dict[str, Any], candidates: list[StoredChunk]
+) -> tuple[StoredChunk | None, str | None]:
+    evidence = squash(str(row.get("evidence") or "")).lower()
+    answer = str(row.get("answer", ""))
+    for chunk in candidates:
+        flat = squash(chunk.text)
+        if evidence and evidence in flat.lower():
+            at = flat.lower().index(evidence)
+            return chunk, flat[at : at + len(evidence)]
+    for chunk in candidates:  # evidence split across chunks: the sentence holding the answer
+        sentence = sentence_with(answer, chunk.text)
+        if sentence:
+            return chunk, sentence
+    return None, None
+
+
+def _dedupe(items: list[QAItem], embedder: Embedder, rejections: Counter[str]) -> list[QAItem]:
+    if not items:
+        return items
+    vectors = embedder.encode([i.question for i in items])
+    candidates = [questions.Candidate(i.chunk_id, i.question) for i in items]
+    keep, dropped = questions.drop_duplicates(candidates, vectors)
+    rejections.update(dropped)
+    return [items[i] for i in keep]
+
+
+def _examples(
+    items: list[QAItem],
+    chunks: list[StoredChunk],
+    by_id: dict[str, StoredChunk],
+    settings: DocentSettings,
+    qa_splits: dict[str, str],
+    embedder: Embedder,
+    store: KnowledgeStore,
+) -> list[Example]:
+    from retrieval import Retriever
+
+    retriever = Retriever(settings, embedder=embedder)
+    try:
+
+        def search(q: str, k: int) -> list[str]:
+            return [h.chunk_id for h in retriever.search(q, k=k)]
+
+        picker = DistractorPicker(chunks, search, settings.raft_hard_negatives)
+        splits = assign_splits([c.source for c in chunks], settings.seed, settings.raft_split)
+        splits.update(qa_splits)
+        mix = MixSettings(
+            settings.raft_distractors,
+            settings.raft_p_oracle,
+            settings.raft_refusal_fraction,
+            settings.seed,
+        )
+        examples: list[Example] = []
+        for item in items:
+            oracle = by_id[item.chunk_id]
+            examples.extend(make_examples(item, oracle, picker, mix, splits[oracle.source]))
+        return examples
+    finally:
+        retriever.close()
+
+
+def _write(
+    raft_dir: Path,
+    name: str,
+    examples: list[Example],
+    settings: DocentSettings,
+    report: BuildReport,
+    store: KnowledgeStore,
+    limit: int | None,
+    qa_file: Path | None,
+) -> None:
+    from datasets import Dataset, DatasetDict
+
+    staging = raft_dir / f".tmp-{name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    fmt = "chat" if settings.raft_format == "hf" else settings.raft_format
+    digest = hashlib.sha256()
+    per_split: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+    for ex in examples:
+        per_split[ex.split].append(ex.record(fmt))
+    for split, records in per_split.items():
+        rng_for(settings.seed, "order", split).shuffle(records)
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        (staging / f"{split}.jsonl").write_text(body, encoding="utf-8")
+        digest.update(body.encode())
+        report.examples[split] = len(records)
+    kinds = Counter(ex.kind for ex in examples)
+    report.kinds = dict(kinds)
+    DatasetDict({s: Dataset.from_list(r) for s, r in per_split.items() if r}).save_to_disk(
+        str(staging / "hf")
+    )
+    used = {ex.oracle_id for ex in examples} | {c.chunk_id for ex in examples for c in ex.context}
+    manifest = {
+        "name": name,
+        "created": _now(),
+        "format": fmt,
+        "index_version": store.version,
+        "embedder": store.manifest.get("embedder"),
+        "chunk_size": store.manifest.get("chunk_size"),
+        "chunks": {
+            c.chunk_id: c.text_hash for c in store.docstore.iter_chunks() if c.chunk_id in used
+        },
+        "oracle_chunks": sorted({ex.oracle_id for ex in examples}),
+        "teacher": report.teacher,
+        "answer_style": answer_style(settings),
+        "params": {f: getattr(settings, f) for f in RAFT_FIELDS},
+        "limit": limit,
+        "qa_file": str(qa_file) if qa_file else None,
+        "dataset_hash": digest.hexdigest(),
+    }
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    os.rename(staging, raft_dir / name)
+    pointer = raft_dir / f"{LATEST}.tmp"
+    pointer.write_text(name)
+    os.replace(pointer, raft_dir / LATEST)
+
+
+def _rewrite_manifest_report(folder: Path, report: BuildReport) -> None:
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["report"] = report.as_dict()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path)
+
+
+def latest_manifest(raft_dir: Path) -> dict[str, Any] | None:
+    pointer = raft_dir / LATEST
+    if not pointer.exists():
+        return None
+    path = raft_dir / pointer.read_text().strip() / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
