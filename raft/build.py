@@ -136,7 +136,7 @@ def build_raft_set(
     name: str | None = None,
     resume: bool = False,
     refresh: bool = False,
-    qa_file: Path | None = None,
+    qa_file: Path | str | None = None,
     engine: Engine | None = None,
     embedder: Embedder | None = None,
     progress: Progress = _no_progress,
@@ -275,6 +275,7 @@ def _plan(
         raise ConfigError(f"dataset name {name!r}: use letters, digits, '.', '_' or '-'")
     if (raft_dir / name).exists():
         raise ConfigError(f"a RAFT set named {name!r} exists already: choose another --name")
+    qa_file = Path(qa_file) if qa_file is not None else None
     if qa_file is not None and not qa_file.exists():
         raise ConfigError(f"--qa-file {qa_file} does not exist")
     return settings, limit, name, qa_file, previous
@@ -309,8 +310,16 @@ def _generate(
         progress("generate", min(start + step, len(todo)), len(todo))
 
 
-def _qid(chunk: StoredChunk, question: str) -> str:
-    return "q-" + hashlib.sha256(f"{chunk.chunk_id}\x1f{question}".encode()).hexdigest()[:12]
+def _item(chunk: StoredChunk, question: str, made: answers.Answer) -> QAItem:
+    qid = "q-" + hashlib.sha256(f"{chunk.chunk_id}\x1f{question}".encode()).hexdigest()[:12]
+    return QAItem(
+        qid=qid,
+        question=question,
+        answer=made.answer,
+        quote=made.quote,
+        cot=made.cot,
+        chunk_id=chunk.chunk_id,
+    )
 
 
 def _span_questions(
@@ -346,16 +355,7 @@ def _span_questions(
             results[i].rejected.append({"question": question, "reason": "round_trip_disagrees"})
             continue
         made = answers.make_answer(question, span.answer, span.sentence, chunk.source)
-        results[i].items.append(
-            QAItem(
-                qid=_qid(chunk, question),
-                question=question,
-                answer=made.answer,
-                quote=made.quote,
-                cot=made.cot,
-                chunk_id=chunk.chunk_id,
-            )
-        )
+        results[i].items.append(_item(chunk, question, made))
 
 
 def _open_questions(
@@ -392,16 +392,7 @@ def _open_questions(
         if isinstance(made, str):
             results[i].rejected.append({"question": q, "reason": made})
             continue
-        results[i].items.append(
-            QAItem(
-                qid=_qid(chunk, q),
-                question=q,
-                answer=made.answer,
-                quote=made.quote,
-                cot=made.cot,
-                chunk_id=chunk.chunk_id,
-            )
-        )
+        results[i].items.append(_item(chunk, q, made))
 
 
 def _collect(
@@ -422,7 +413,7 @@ def _human_items(
     qa_file: Path, chunks: list[StoredChunk]
 ) -> tuple[list[QAItem], dict[str, str], Counter[str]]:
     """Questions written by people (train split only), attached to the chunk holding their
-    supporting sentence. Their splits also pin the split of their source documents."""
+    supporting sentence. Documents with test questions are pinned to the test split."""
     rows = []
     for number, line in enumerate(qa_file.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -439,8 +430,10 @@ def _human_items(
     rejected: Counter[str] = Counter()
     for row in rows:
         source, split = row.get("source"), row.get("split", "train")
-        if source and split in SPLITS:
-            splits.setdefault(source, split)
+        if source and split == "test":
+            # Documents behind held-out questions stay out of training; the rest keep the
+            # seeded split, so validation is not left empty.
+            splits[source] = "test"
         if split != "train" or not row.get("answerable", True):
             continue  # only train questions may be trained on
         oracle, sentence = _locate(row, by_source.get(source or "", []))

@@ -119,3 +119,77 @@ def test_raft_build_and_show(tmp_path):
     assert again.exit_code == 1 and "exists already" in again.output
     missing = _run("--workspace", ws, "raft", "show", "nope")
     assert missing.exit_code == 1 and "known: first" in missing.output
+
+
+def test_train_then_manage_adapters(tmp_path):
+    docs = {
+        f"unit{i}.md": f"# Unit {i}\n\nUnit {i} ships within {i + 1} days. Unit {i} "
+        f"costs {10 * i} EUR per month."
+        for i in range(1, 5)
+    }
+    corpus = write_corpus(tmp_path / "docs", docs)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"h{i}",
+                    "question": f"How fast does Unit {i} ship?",
+                    "answer": f"{i + 1} days",
+                    "source": f"unit{i}.md",
+                    "split": "train",
+                    "answerable": True,
+                    "evidence": f"Unit {i} ships within {i + 1} days.",
+                }
+            )
+            + "\n"
+            for i in range(1, 5)
+        )
+    )
+    ws = str(tmp_path / "ws")
+    assert _run("--workspace", ws, "ingest", str(corpus)).exit_code == 0
+    assert (
+        _run(
+            "--workspace",
+            ws,
+            "raft",
+            "build",
+            "--engine",
+            "hf",
+            "--qa-file",
+            str(qa),
+            "--name",
+            "units",
+            "--limit",
+            "0",
+        ).exit_code
+        == 0
+    )
+    qlora = _run("--workspace", ws, "train", "--qlora", "--max-steps", "1")
+    assert qlora.exit_code == 1 and "CUDA" in qlora.output
+    trained = _run(
+        "--workspace",
+        ws,
+        "train",
+        "--dataset",
+        "units",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--max-length",
+        "512",
+        "--name",
+        "u1",
+        "--promote",
+    )
+    assert trained.exit_code == 0, trained.output
+    assert "u1" in trained.stdout and "promoted" in trained.stdout
+    listed = _run("--workspace", ws, "adapters", "list")
+    assert listed.exit_code == 0 and "★" in listed.stdout and "u1" in listed.stdout
+    shown = json.loads(_run("--workspace", ws, "adapters", "show", "u1").stdout)
+    assert shown["promoted"] and shown["dataset"] == "units"
+    back = _run("--workspace", ws, "adapters", "rollback")
+    assert back.exit_code == 0 and "base model serves" in back.stdout
+    bad = _run("--workspace", ws, "adapters", "promote", "missing")
+    assert bad.exit_code == 1 and "known: u1" in bad.output

@@ -1,0 +1,116 @@
+"""The adapter registry: versioned LoRA adapters in the workspace, one promoted for serving.
+
+Layout under ``<workspace>/adapters``::
+
+    registry.json          {"promoted": "name", "history": ["older", "name"]}
+    <name>/                adapter_model.safetensors, adapter_config.json, tokenizer files,
+                           metadata.json, report.md, loss.png[, merged/]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from docent.errors import DocentError
+from docent.models import generator_id
+
+REGISTRY = "registry.json"
+METADATA = "metadata.json"
+
+
+class AdapterError(DocentError):
+    """An adapter is missing, incompatible or the registry cannot do what was asked."""
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    path: Path
+    metadata: dict[str, Any]
+    promoted: bool = False
+
+    @property
+    def base_model(self) -> str:
+        return str(self.metadata.get("base_model", ""))
+
+
+class AdapterRegistry:
+    def __init__(self, adapters_dir: Path) -> None:
+        self.dir = adapters_dir
+
+    def _state(self) -> dict[str, Any]:
+        path = self.dir / REGISTRY
+        if not path.exists():
+            return {"promoted": None, "history": []}
+        return dict(json.loads(path.read_text()))
+
+    def _save(self, state: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f"{REGISTRY}.tmp"
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self.dir / REGISTRY)
+
+    def list(self) -> list[AdapterInfo]:
+        if not self.dir.exists():
+            return []
+        promoted = self._state().get("promoted")
+        found = []
+        for folder in sorted(self.dir.iterdir()):
+            meta_path = folder / METADATA
+            if folder.is_dir() and meta_path.exists():
+                meta = json.loads(meta_path.read_text())
+                found.append(AdapterInfo(folder.name, folder, meta, folder.name == promoted))
+        return found
+
+    def get(self, name: str) -> AdapterInfo:
+        folder = self.dir / name
+        if not (folder / METADATA).exists():
+            known = ", ".join(a.name for a in self.list()) or "none"
+            raise AdapterError(f"no adapter named {name!r} (known: {known})")
+        meta = json.loads((folder / METADATA).read_text())
+        return AdapterInfo(name, folder, meta, self._state().get("promoted") == name)
+
+    def promoted(self) -> AdapterInfo | None:
+        name = self._state().get("promoted")
+        return self.get(name) if name else None
+
+    def check_base(self, info: AdapterInfo, generator: str) -> None:
+        wanted = generator_id(generator)
+        if info.base_model != wanted:
+            raise AdapterError(
+                f"adapter {info.name!r} was trained on {info.base_model!r}, but the generator "
+                f"is {wanted!r}: set DOCENT_GENERATOR to its base or train a new adapter"
+            )
+
+    def promote(self, name: str, generator: str) -> AdapterInfo:
+        info = self.get(name)
+        self.check_base(info, generator)
+        state = self._state()
+        if state.get("promoted") != name:
+            state["history"] = [*state.get("history", []), name]
+            state["promoted"] = name
+            self._save(state)
+        return self.get(name)
+
+    def rollback(self) -> AdapterInfo | None:
+        """Promote the adapter promoted before the current one (None: back to the base)."""
+        state = self._state()
+        history = list(state.get("history", []))
+        if not history:
+            raise AdapterError("nothing to roll back: no adapter has been promoted")
+        history.pop()
+        state["history"] = history
+        state["promoted"] = history[-1] if history else None
+        self._save(state)
+        return self.promoted()
+
+    def update_metadata(self, name: str, **fields: Any) -> None:
+        info = self.get(name)
+        meta = {**info.metadata, **fields}
+        tmp = info.path / f"{METADATA}.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, info.path / METADATA)

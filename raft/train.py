@@ -1,0 +1,317 @@
+"""``docent train``: LoRA (or QLoRA) fine-tuning on a RAFT set with TRL + PEFT.
+
+Loss is on the assistant answer only: examples go to TRL as conversational prompt/completion
+pairs. Short examples waste no compute: they are packed best-fit-decreasing into rows of
+``train_max_length`` tokens without padding; position ids restart per example and transformers
+builds the block-diagonal attention mask from them (tested in tests/raft/test_train.py).
+Validation loss is measured every ``train_eval_steps``, the best checkpoint is kept and early
+stopping ends a run that stops improving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from docent.errors import ConfigError
+from docent.models import generator_id, generator_path
+from docent.settings import DocentSettings
+from docent.workspace import Workspace
+from raft import show
+from raft.adapters import METADATA, AdapterRegistry
+
+log = logging.getLogger(__name__)
+RUNS = ".runs"
+TRAINING = "TRAINING.json"
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class TrainResult:
+    name: str
+    path: str
+    dataset: str
+    steps: int
+    train_loss_first: float | None
+    train_loss_last: float | None
+    best_eval_loss: float | None
+    seconds: float
+    tokens_per_s: float
+    resumed_from: str | None = None
+    merged: str | None = None
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def to_prompt_completion(record: dict[str, Any]) -> dict[str, Any]:
+    """A RAFT record as TRL's conversational prompt/completion pair (loss on completion)."""
+    if "prompt" in record:
+        return {"prompt": record["prompt"], "completion": record["completion"]}
+    messages = record["messages"]
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+def _device_plan(settings: DocentSettings) -> tuple[bool, bool]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if settings.train_qlora and not cuda:
+        raise ConfigError(
+            "QLoRA trains a 4-bit quantised base with bitsandbytes, which needs a CUDA GPU; "
+            "this machine has none. Drop --qlora to train plain LoRA here."
+        )
+    return cuda, bool(cuda and torch.cuda.is_bf16_supported())
+
+
+def _load_base(path: str, settings: DocentSettings, cuda: bool, bf16: bool) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    if settings.train_qlora:
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16,
+        )
+        kwargs["device_map"] = {"": 0}
+        return prepare_model_for_kbit_training(AutoModelForCausalLM.from_pretrained(path, **kwargs))
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model.to("cuda") if cuda else model
+
+
+def _progress_callback(progress: Progress) -> Any:
+    from transformers import TrainerCallback
+
+    class RichProgress(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            progress("train", int(state.global_step), int(state.max_steps))
+
+    return RichProgress()
+
+
+def train_adapter(
+    settings: DocentSettings,
+    *,
+    dataset: str | None = None,
+    name: str | None = None,
+    resume: bool = False,
+    merge: bool = False,
+    progress: Progress = _no_progress,
+    callbacks: list[Any] | None = None,
+) -> TrainResult:
+    from datasets import Dataset
+    from transformers import AutoTokenizer, EarlyStoppingCallback
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    ws = Workspace(settings.workspace).ensure()
+    adapters_dir = ws.adapters_dir
+    state_path = adapters_dir / RUNS / TRAINING
+    if resume:
+        if not state_path.exists():
+            raise ConfigError("nothing to resume: no interrupted `docent train` run was found")
+        state = json.loads(state_path.read_text())
+        settings = settings.with_overrides(**state["settings"])
+        dataset, name = state["dataset"], state["name"]
+    cuda, bf16 = _device_plan(settings)
+    folder = show.resolve(ws.raft_dir, dataset)
+    manifest = show.load_manifest(folder)
+    train_rows = [to_prompt_completion(r) for r in show.load_examples(folder, "train")]
+    val_rows = [to_prompt_completion(r) for r in show.load_examples(folder, "validation")]
+    if not train_rows:
+        raise ConfigError(f"RAFT set {folder.name} has no training examples")
+    name = name or f"{folder.name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    final = adapters_dir / name
+    if final.exists():
+        raise ConfigError(f"an adapter named {name!r} exists already: choose another --name")
+    run_dir = adapters_dir / RUNS / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_fields = {k: v for k, v in settings.model_dump().items() if k.startswith("train_")}
+    state_path.write_text(
+        json.dumps({"name": name, "dataset": folder.name, "settings": train_fields})
+    )
+
+    base_path = generator_path(settings.generator, settings.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = _load_base(base_path, settings, cuda, bf16)
+    from peft import LoraConfig
+
+    targets: str | list[str] = settings.train_target_modules
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    peft_config = LoraConfig(
+        r=settings.train_lora_r,
+        lora_alpha=settings.train_lora_alpha,
+        lora_dropout=settings.train_lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    has_val = bool(val_rows)
+    config = SFTConfig(
+        output_dir=str(run_dir),
+        num_train_epochs=settings.train_epochs,
+        max_steps=settings.train_max_steps or -1,
+        learning_rate=settings.train_lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,  # a float below 1 is a ratio of the total steps
+        per_device_train_batch_size=settings.train_batch_size,
+        per_device_eval_batch_size=settings.train_batch_size,
+        gradient_accumulation_steps=settings.train_grad_accum,
+        max_length=settings.train_max_length,
+        # Best-fit-decreasing packing into max_length rows, padding-free: no pad tokens.
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        completion_only_loss=True,
+        logging_steps=1,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=settings.train_eval_steps,
+        save_strategy="steps",
+        save_steps=settings.train_eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss" if has_val else None,
+        greater_is_better=False,
+        bf16=bf16,
+        use_cpu=not cuda,
+        seed=settings.seed,
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+    )
+    all_callbacks = [_progress_callback(progress), *(callbacks or [])]
+    if has_val:
+        all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.train_patience))
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(val_rows) if has_val else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=all_callbacks,
+    )
+    checkpoint = get_last_checkpoint(str(run_dir)) if resume else None
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+
+    staging = adapters_dir / f".tmp-{name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    history = list(trainer.state.log_history)
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    tokens = float(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    result = TrainResult(
+        name=name,
+        path=str(final),
+        dataset=folder.name,
+        steps=int(trainer.state.global_step),
+        train_loss_first=losses[0] if losses else None,
+        train_loss_last=losses[-1] if losses else None,
+        best_eval_loss=min(evals) if evals else None,
+        seconds=round(seconds, 1),
+        tokens_per_s=round(tokens / seconds, 1) if seconds > 0 else 0.0,
+        resumed_from=checkpoint,
+        log_history=history,
+    )
+    if merge:
+        merged = staging / "merged"
+        trainer.model.merge_and_unload().save_pretrained(str(merged))
+        tokenizer.save_pretrained(str(merged))
+        result.merged = str(final / "merged")
+    meta = {
+        "name": name,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "base_model": generator_id(settings.generator),
+        "base_path": base_path,
+        "dataset": folder.name,
+        "dataset_hash": manifest.get("dataset_hash"),
+        "dataset_params": manifest.get("params"),
+        "hyperparameters": train_fields,
+        "device": "cuda" if cuda else "cpu",
+        "dtype": "bfloat16" if bf16 else "float32",
+        "examples": {"train": len(train_rows), "validation": len(val_rows)},
+        "result": {k: v for k, v in asdict(result).items() if k != "log_history"},
+        "loss_curve": [
+            {k: h[k] for k in ("step", "loss", "eval_loss") if k in h}
+            for h in history
+            if "loss" in h or "eval_loss" in h
+        ],
+        "eval": None,
+    }
+    (staging / METADATA).write_text(json.dumps(meta, indent=2))
+    _write_report(staging, meta)
+    os.rename(staging, final)
+    state_path.unlink(missing_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    AdapterRegistry(adapters_dir)  # the folder is the registration; promotion is explicit
+    return result
+
+
+def _write_report(folder: Path, meta: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = meta["loss_curve"]
+    train = [(h["step"], h["loss"]) for h in curve if "loss" in h]
+    val = [(h["step"], h["eval_loss"]) for h in curve if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="#1f77b4")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss", color="#d62728")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_title(f"{meta['name']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "loss.png", dpi=110)
+    plt.close(fig)
+    r = meta["result"]
+    hp = meta["hyperparameters"]
+    lines = [
+        f"# Training report: {meta['name']}",
+        "",
+        f"- base model: `{meta['base_model']}` ({meta['device']}, {meta['dtype']})",
+        f"- dataset: `{meta['dataset']}` (hash `{str(meta['dataset_hash'])[:12]}`), "
+        f"{meta['examples']['train']} train / {meta['examples']['validation']} validation",
+        f"- steps: {r['steps']}, wall time {r['seconds']} s, {r['tokens_per_s']} tokens/s",
+        f"- train loss: {r['train_loss_first']} → {r['train_loss_last']}; "
+        f"best validation loss: {r['best_eval_loss']}",
+        f"- LoRA r={hp['train_lora_r']} alpha={hp['train_lora_alpha']} "
+        f"targets={hp['train_target_modules']}, lr={hp['train_lr']}, "
+        f"batch={hp['train_batch_size']}x{hp['train_grad_accum']}",
+        "",
+        "![loss](loss.png)",
+        "",
+        "| step | train loss | validation loss |",
+        "|---:|---:|---:|",
+    ]
+    for h in meta["loss_curve"]:
+        lines.append(f"| {h['step']} | {h.get('loss', '')} | {h.get('eval_loss', '')} |")
+    (folder / "report.md").write_text("\n".join(lines) + "\n")

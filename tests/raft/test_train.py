@@ -1,0 +1,258 @@
+"""docent train on the real SmolLM2: packing is exact, loss falls, resume works, the adapter
+loads in transformers+PEFT and vLLM, and the registry promotes and rolls back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from docent.errors import ConfigError
+from docent.models import generator_id, generator_path
+from docent.settings import DocentSettings
+from ingest.pipeline import refresh_index
+from raft.adapters import METADATA, AdapterError, AdapterRegistry
+from raft.build import build_raft_set
+from raft.train import TRAINING, train_adapter
+
+from conftest import ROOT, write_corpus
+
+FACTS = {
+    "desk.md": "# Desk\n\nThe Orbit help desk opens at 08:30 on weekdays. Tickets are "
+    "answered within 3 working days.",
+    "lab.md": "# Lab\n\nThe Orbit lab badge costs 12 EUR per year. Lost badges are replaced "
+    "within 2 days.",
+    "fleet.md": "# Fleet\n\nOrbit fleet cars are serviced every 15000 km. Trips longer than "
+    "400 km need approval.",
+    "canteen.md": "# Canteen\n\nThe Orbit canteen serves lunch from 11:45. A meal costs 6 EUR.",
+}
+QA = [
+    (
+        "When does the Orbit help desk open?",
+        "08:30",
+        "desk.md",
+        "The Orbit help desk opens at 08:30 on weekdays.",
+    ),
+    (
+        "How much is an Orbit lab badge?",
+        "12 EUR per year",
+        "lab.md",
+        "The Orbit lab badge costs 12 EUR per year.",
+    ),
+    (
+        "How often are Orbit fleet cars serviced?",
+        "every 15000 km",
+        "fleet.md",
+        "Orbit fleet cars are serviced every 15000 km.",
+    ),
+    (
+        "When does the Orbit canteen serve lunch?",
+        "from 11:45",
+        "canteen.md",
+        "The Orbit canteen serves lunch from 11:45.",
+    ),
+    (
+        "How fast are Orbit tickets answered?",
+        "within 3 working days",
+        "desk.md",
+        "Tickets are answered within 3 working days.",
+    ),
+    ("How much does an Orbit canteen meal cost?", "6 EUR", "canteen.md", "A meal costs 6 EUR."),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory, embedder) -> DocentSettings:
+    """A small RAFT set (human questions, short chunks) so training steps take seconds."""
+    root = tmp_path_factory.mktemp("train")
+    corpus = write_corpus(root / "docs", FACTS)
+    qa = root / "qa.jsonl"
+    qa.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"h{i}",
+                    "question": q,
+                    "answer": a,
+                    "source": s,
+                    "evidence": e,
+                    "split": "train",
+                    "answerable": True,
+                }
+            )
+            + "\n"
+            for i, (q, a, s, e) in enumerate(QA)
+        )
+    )
+    settings = DocentSettings(
+        workspace=root / "ws",
+        raft_distractors=2,
+        top_k=3,
+        raft_split=(0.5, 0.25, 0.25),
+        raft_refusal_fraction=0.0,
+    )
+    refresh_index([corpus], settings, embedder=embedder)
+
+    class NoTeacher:  # the set is built from human questions only: no teacher call needed
+        kind, model = "none", "none"
+
+        def generate(self, requests, progress=None):
+            return []
+
+        def close(self):
+            pass
+
+    build_raft_set(
+        settings, qa_file=qa, name="tiny", limit=0, engine=NoTeacher(), embedder=embedder
+    )
+    return settings.with_overrides(
+        train_max_steps=4,
+        train_eval_steps=2,
+        train_lr=2e-3,
+        train_batch_size=2,
+        train_max_length=1024,
+    )
+
+
+def test_packed_sequences_attend_only_within_themselves():
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(generator_path()).eval()
+    a = torch.tensor([[1, 422, 3512, 314, 2765, 30, 216, 1025]])
+    b = torch.tensor([[1, 3853, 2630, 28, 1341, 42]])
+    with torch.no_grad():
+        alone_a = model(a).logits
+        alone_b = model(b).logits
+        packed = torch.cat([a, b], dim=1)
+        positions = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])])[None]
+        # use_cache=False as in training (TRL sets it): with a KV cache, transformers does not
+        # derive the packed-sequence mask from position ids.
+        together = model(packed, position_ids=positions, use_cache=False).logits
+    assert torch.allclose(together[:, : a.shape[1]], alone_a, atol=1e-4)
+    assert torch.allclose(together[:, a.shape[1] :], alone_b, atol=1e-4)
+
+
+def test_qlora_without_cuda_says_it_needs_a_gpu(tiny_set):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        train_adapter(tiny_set.with_overrides(train_qlora=True), dataset="tiny")
+
+
+def test_interrupted_training_resumes_and_the_adapter_works(tiny_set):
+    from transformers import TrainerCallback
+
+    class Interrupt(Exception):
+        pass
+
+    class StopAtThree(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_adapter(tiny_set, dataset="tiny", name="orbit", callbacks=[StopAtThree()])
+    assert (tiny_set.workspace / "adapters" / ".runs" / TRAINING).exists()
+    result = train_adapter(tiny_set, resume=True, merge=True)
+    assert result.name == "orbit" and result.resumed_from.endswith("checkpoint-2")
+    assert result.steps == 4
+    assert result.train_loss_last < result.train_loss_first
+    assert result.tokens_per_s > 0
+
+    folder = tiny_set.workspace / "adapters" / "orbit"
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "report.md",
+        "loss.png",
+        "merged/model.safetensors",
+    ):
+        assert (folder / name).exists(), name
+    meta = json.loads((folder / METADATA).read_text())
+    assert meta["base_model"] == generator_id() and meta["dataset"] == "tiny"
+    assert len(meta["dataset_hash"]) == 64 and meta["hyperparameters"]["train_lora_r"] == 16
+    assert any("eval_loss" in h for h in meta["loss_curve"])
+    assert "| step |" in (folder / "report.md").read_text()
+
+    from docent.engine import ChatRequest
+    from docent.engine.hf import HFEngine
+
+    engine = HFEngine(generator_path())
+    engine.add_adapter("orbit", str(folder))
+    ask = [{"role": "user", "content": "When does the Orbit help desk open?"}]
+    tuned = engine.generate([ChatRequest(ask, max_tokens=24, adapter="orbit")])[0]
+    base = engine.generate([ChatRequest(ask, max_tokens=24)])[0]
+    assert tuned.text and base.text and tuned.adapter == "orbit" and base.adapter is None
+    merged = HFEngine(str(folder / "merged")).generate([ChatRequest(ask, max_tokens=24)])[0]
+    assert merged.text.split()[:3] == tuned.text.split()[:3]  # merged = base + adapter
+
+
+VLLM_LORA = """
+import json, sys
+from docent.engine import ChatRequest, build_engine
+from docent.settings import DocentSettings
+
+if __name__ == "__main__":
+    engine = build_engine(DocentSettings(engine="vllm", vllm_kv_cache_gib=1, max_model_len=2048))
+    engine.add_adapter("orbit", sys.argv[1])
+    ask = [{"role": "user", "content": "When does the Orbit help desk open?"}]
+    out = engine.generate([ChatRequest(ask, max_tokens=24, adapter="orbit"),
+                           ChatRequest(ask, max_tokens=24)])
+    print("RESULT " + json.dumps([[c.text, c.adapter] for c in out]))
+    engine.close()
+"""
+
+
+@pytest.mark.slow
+def test_vllm_serves_the_trained_adapter(tiny_set, tmp_path):
+    folder = tiny_set.workspace / "adapters" / "orbit"
+    if not folder.exists():
+        pytest.skip("needs the adapter from the training test")
+    script = tmp_path / "lora.py"
+    script.write_text(textwrap.dedent(VLLM_LORA))
+    proc = subprocess.run(
+        [sys.executable, str(script), str(folder)],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stderr[-3000:]
+    (tuned, adapter), (base, no_adapter) = json.loads(line[len("RESULT ") :])
+    assert tuned and base and adapter == "orbit" and no_adapter is None
+
+
+def _fake_adapter(registry_dir, name, base):
+    folder = registry_dir / name
+    folder.mkdir(parents=True)
+    (folder / METADATA).write_text(json.dumps({"name": name, "base_model": base}))
+
+
+def test_registry_promote_rollback_and_base_mismatch(tmp_path):
+    registry = AdapterRegistry(tmp_path / "adapters")
+    _fake_adapter(registry.dir, "a", generator_id())
+    _fake_adapter(registry.dir, "b", generator_id())
+    _fake_adapter(registry.dir, "other", "meta-llama/Llama-3.1-8B-Instruct")
+    assert registry.promoted() is None
+    registry.promote("a", "default")
+    registry.promote("b", "default")
+    assert registry.promoted().name == "b"
+    assert [a.name for a in registry.list() if a.promoted] == ["b"]
+    assert registry.rollback().name == "a"
+    assert registry.rollback() is None
+    with pytest.raises(AdapterError, match="nothing to roll back"):
+        registry.rollback()
+    with pytest.raises(AdapterError, match="was trained on"):
+        registry.promote("other", "default")
+    with pytest.raises(AdapterError, match="known: a, b, other"):
+        registry.get("nope")
+    registry.update_metadata("a", eval={"accuracy": 0.5})
+    assert registry.get("a").metadata["eval"] == {"accuracy": 0.5}
