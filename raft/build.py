@@ -144,8 +144,8 @@ def build_raft_set(
     started = time.perf_counter()
     raft_dir = Workspace(settings.workspace).ensure().raft_dir
     raft_dir.mkdir(parents=True, exist_ok=True)
-    settings, limit, name, qa_file, previous = _plan(
-        raft_dir, settings, limit, name, resume, refresh, qa_file
+    settings, limit, name, qa_path, previous = _plan(
+        raft_dir, settings, limit, name, resume, refresh, Path(qa_file) if qa_file else None
     )
     if settings.raft_distractors + 1 != settings.top_k:
         log.warning(
@@ -163,7 +163,7 @@ def build_raft_set(
             {
                 "name": name,
                 "limit": limit,
-                "qa_file": str(qa_file) if qa_file else None,
+                "qa_file": str(qa_path) if qa_path else None,
                 "params": {f: getattr(settings, f) for f in RAFT_FIELDS},
                 "teacher": teacher_id(settings),
                 "started": _now(),
@@ -204,7 +204,7 @@ def build_raft_set(
 
     results = [cache.get(c.chunk_id, c.text_hash) for c in targets]
     items, rejections = _collect(results, report)
-    human, qa_splits, human_rejections = _human_items(qa_file, chunks) if qa_file else ([], {}, {})
+    human, qa_splits, human_rejections = _human_items(qa_path, chunks) if qa_path else ([], {}, {})
     report.human_questions = len(human)
     rejections.update(human_rejections)
     items = _dedupe([*human, *items], embedder, rejections)
@@ -228,7 +228,7 @@ def build_raft_set(
         report.dropped_deleted_oracle = sum(
             1 for cid in previous.get("oracle_chunks", []) if cid not in current
         )
-    _write(raft_dir, name, examples, settings, report, store, limit, qa_file)
+    _write(raft_dir, name, examples, settings, report, store, limit, qa_path)
     (raft_dir / BUILDING).unlink(missing_ok=True)
     store.close()
     report.seconds = round(time.perf_counter() - started, 2)
@@ -275,7 +275,6 @@ def _plan(
         raise ConfigError(f"dataset name {name!r}: use letters, digits, '.', '_' or '-'")
     if (raft_dir / name).exists():
         raise ConfigError(f"a RAFT set named {name!r} exists already: choose another --name")
-    qa_file = Path(qa_file) if qa_file is not None else None
     if qa_file is not None and not qa_file.exists():
         raise ConfigError(f"--qa-file {qa_file} does not exist")
     return settings, limit, name, qa_file, previous

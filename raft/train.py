@@ -91,7 +91,7 @@ def _load_base(path: str, settings: DocentSettings, cuda: bool, bf16: bool) -> A
         )
         kwargs["device_map"] = {"": 0}
         return prepare_model_for_kbit_training(AutoModelForCausalLM.from_pretrained(path, **kwargs))
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model.to("cuda") if cuda else model
 
 
@@ -154,9 +154,10 @@ def train_adapter(
     model = _load_base(base_path, settings, cuda, bf16)
     from peft import LoraConfig
 
-    targets: str | list[str] = settings.train_target_modules
-    if targets != "all-linear":
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    named = settings.train_target_modules
+    targets: str | list[str] = named
+    if named != "all-linear":
+        targets = [t.strip() for t in named.split(",") if t.strip()]
     peft_config = LoraConfig(
         r=settings.train_lora_r,
         lora_alpha=settings.train_lora_alpha,
@@ -238,7 +239,8 @@ def train_adapter(
     )
     if merge:
         merged = staging / "merged"
-        trainer.model.merge_and_unload().save_pretrained(str(merged))
+        peft_model: Any = trainer.model
+        peft_model.merge_and_unload().save_pretrained(str(merged))
         tokenizer.save_pretrained(str(merged))
         result.merged = str(final / "merged")
     meta = {
