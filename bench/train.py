@@ -4,8 +4,8 @@ Builds a RAFT set from the handbook's human train questions (no teacher needed),
 the embedded SmolLM2 for ``--steps`` steps twice, in one process, on the same examples with
 the same LoRA config:
 
-- **ours**: ``raft.train.train_adapter`` (loss on the answer only, best-fit-decreasing packing
-  into ``train_max_length`` rows, padding-free);
+- **ours**: ``raft.train.train_adapter`` (loss on the answer only; on CPU, batches grouped by
+  length; ``--packing`` forces packed padding-free rows, the GPU default, to compare);
 - **baseline**: ``SFTTrainer`` with ``SFTConfig``'s defaults (padded batches, no packing),
   only the step count, batch size and output folder set.
 
@@ -106,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=2, help="rows per step for both")
+    parser.add_argument("--packing", action="store_true", help="ours with packed rows")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="docent-bench-train-"))
     try:

@@ -72,7 +72,6 @@ class DocentSettings(BaseSettings):
         default="rrf", description="Hybrid fusion: rrf (ranks) or dbsf (score distributions)."
     )
     rrf_k: int = Field(default=60, ge=1, description="Reciprocal rank fusion constant.")
-    search_threads: int = Field(default=1, ge=1, description="FAISS threads per query.")
     candidate_pool: int = Field(
         default=50, ge=1, description="Hits taken from each retriever before fusion/rerank."
     )
@@ -117,6 +116,9 @@ class DocentSettings(BaseSettings):
     train_max_length: int = Field(default=1536, ge=128, description="Tokens per example.")
     train_eval_steps: int = Field(default=20, ge=1, description="Validate and checkpoint every N.")
     train_patience: int = Field(default=3, ge=1, description="Early stopping patience (evals).")
+    train_packing: bool | None = Field(
+        default=None, description="Packed padding-free rows; default: on with CUDA, off on CPU."
+    )
     train_qlora: bool = Field(default=False, description="4-bit base (bitsandbytes, CUDA only).")
 
     @field_validator("workspace", "cache_dir", mode="after")

@@ -7,8 +7,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import faiss
-
 from docent.errors import ConfigError, IndexMismatchError
 from docent.settings import DocentSettings, SearchMode
 from docent.workspace import Workspace
@@ -59,8 +57,8 @@ class Retriever:
         self.index_dir = Workspace(settings.workspace).index_dir
         self.store = KnowledgeStore.open(self.index_dir)
         self.embedder = embedder or Embedder.from_settings(settings)
-        # One query at a time per thread: FAISS's own threads only fight the embedder's.
-        faiss.omp_set_num_threads(settings.search_threads)
+        # FAISS's thread count is left alone on purpose: faiss and torch share one OpenMP
+        # runtime, so faiss.omp_set_num_threads(1) also halved torch (embedding, training).
         self._check_embedder()
         self.reranker = reranker
         if self.reranker is None and settings.reranker:

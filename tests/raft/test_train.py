@@ -193,6 +193,16 @@ def test_interrupted_training_resumes_and_the_adapter_works(tiny_set):
     assert merged.text.split()[:3] == tuned.text.split()[:3]  # merged = base + adapter
 
 
+def test_packed_padding_free_training_runs(tiny_set):
+    result = train_adapter(
+        tiny_set.with_overrides(train_packing=True, train_max_steps=2),
+        dataset="tiny",
+        name="packed",
+    )
+    assert result.steps == 2 and result.train_loss_first is not None
+    assert (tiny_set.workspace / "adapters" / "packed" / "adapter_model.safetensors").exists()
+
+
 VLLM_LORA = """
 import json, sys
 from docent.engine import ChatRequest, build_engine

@@ -163,3 +163,13 @@ def test_bad_queries_are_clear_errors(handbook_retriever, query, k, mode, match)
 def test_no_index_yet_says_what_to_run(tmp_path, embedder):
     with pytest.raises(EmptyIndexError, match="docent ingest"):
         Retriever(DocentSettings(workspace=tmp_path / "empty"), embedder=embedder)
+
+
+def test_opening_a_retriever_leaves_torch_threads_alone(handbook_settings, embedder):
+    import torch
+
+    before = torch.get_num_threads()
+    retriever = Retriever(handbook_settings, embedder=embedder)
+    retriever.search("refund window", k=3)
+    retriever.close()
+    assert torch.get_num_threads() == before  # faiss and torch share one OpenMP runtime
