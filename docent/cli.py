@@ -211,7 +211,9 @@ def raft_build(
     p_oracle: Annotated[float | None, typer.Option(help="Fraction P with the oracle.")] = None,
     refusal_fraction: Annotated[float | None, typer.Option(help="Refusal examples.")] = None,
     hard_negatives: Annotated[float | None, typer.Option(help="Hard-negative share.")] = None,
-    teacher: Annotated[str, typer.Option(help="local, or an OpenAI-compatible URL.")] = "local",
+    teacher: Annotated[
+        str, typer.Option("--teacher", "--teacher-url", help="local, or an OpenAI-compatible URL.")
+    ] = "local",
     teacher_model: Annotated[str | None, typer.Option(help="Model name at the URL.")] = None,
     engine: Annotated[str | None, typer.Option(help="Local engine: auto, vllm or hf.")] = None,
     answer_style: Annotated[str | None, typer.Option(help="auto, extractive or teacher.")] = None,
