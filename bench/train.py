@@ -155,7 +155,7 @@ def main() -> None:
         }
         print(
             f"\n### LoRA SFT on {len(rows)} handbook examples, {args.steps} steps x "
-            f"{args.batch} rows, SmolLM2 ({params / 1e6:.0f}M params), CPU fp32\n"
+            f"{args.batch} rows, SmolLM2 ({params / 1e6:.0f}M params), CPU\n"
         )
         print("| run | seconds | trained tokens/s | 6·N·tokens/s ÷ matmul peak |")
         print("|---|---:|---:|---:|")
