@@ -49,7 +49,7 @@ demo: setup
 	$(BIN)/docent --workspace $(WORKSPACE) models --prepare
 	$(BIN)/docent --workspace $(WORKSPACE) ingest $(CORPUS)
 	$(BIN)/docent --workspace $(WORKSPACE) search "How much does the Pro plan cost per seat?"
-	$(BIN)/docent --workspace $(WORKSPACE) search "What does error QF-4127 mean?" -k 3
+	$(BIN)/docent --workspace $(WORKSPACE) search "What does error QF-4127 mean?" -k 3 --fusion dbsf
 	$(BIN)/docent --workspace $(WORKSPACE) raft build --limit 32 --qa-file $(CORPUS)/qa.jsonl
 	$(BIN)/docent --workspace $(WORKSPACE) raft show -n 1
 

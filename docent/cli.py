@@ -52,6 +52,9 @@ def main(
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()
     for noisy in ("bm25s", "sentence_transformers", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
     try:
@@ -163,6 +166,7 @@ def search(
     query: Annotated[str, typer.Argument(help="The question.")],
     k: Annotated[int | None, typer.Option("-k", "--top-k", help="Number of results.")] = None,
     mode: Annotated[str | None, typer.Option(help="hybrid, dense or bm25.")] = None,
+    fusion: Annotated[str | None, typer.Option(help="Hybrid fusion: rrf or dbsf.")] = None,
     source: Annotated[list[str] | None, typer.Option(help="Only these sources.")] = None,
     section: Annotated[str | None, typer.Option(help="Section contains this text.")] = None,
     collection: Annotated[list[str] | None, typer.Option(help="Only these collections.")] = None,
@@ -173,7 +177,7 @@ def search(
     """Find the chunks that matter for a question."""
     from retrieval import Filters, Retriever
 
-    settings = _settings(ctx, top_k=k, search_mode=mode, reranker=reranker)
+    settings = _settings(ctx, top_k=k, search_mode=mode, fusion=fusion, reranker=reranker)
     try:
         retriever = Retriever.from_settings(settings)
         hits = retriever.search(
