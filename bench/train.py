@@ -47,16 +47,6 @@ from raft.show import load_examples  # noqa: E402
 from raft.train import to_prompt_completion, train_adapter  # noqa: E402
 
 
-class NoTeacher:
-    kind, model = "none", "none"
-
-    def generate(self, requests, progress=None):
-        return []
-
-    def close(self):
-        pass
-
-
 def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)
@@ -118,7 +108,6 @@ def main() -> None:
             qa_file=ROOT / "examples" / "handbook" / "qa.jsonl",
             limit=0,
             name="bench",
-            engine=NoTeacher(),
             embedder=embedder,
         )
         rows = [

@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from docent.errors import ConfigError, IndexMismatchError
+from docent.progress import Progress, no_progress
 from docent.settings import DocentSettings
 from docent.workspace import Workspace
 from ingest import store as kstore
@@ -30,12 +31,6 @@ log = logging.getLogger(__name__)
 IGNORE_FILE = ".docentignore"
 # Bumped when readers or chunking change what they produce, so documents are re-chunked.
 PIPELINE_VERSION = "1"
-
-Progress = Callable[[str, int, int], None]
-
-
-def _no_progress(stage: str, done: int, total: int) -> None:
-    pass
 
 
 @dataclass
@@ -151,7 +146,7 @@ def refresh_index(
     collection: str = "default",
     rebuild: bool = False,
     embedder: Embedder | None = None,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> RefreshReport:
     """Bring the knowledge store in line with the files under ``paths``.
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from docent.engine import ChatRequest, Engine, build_engine, resolve_engine_kind
 from docent.errors import ConfigError, DocentError, EmptyIndexError
+from docent.progress import Progress, no_progress
 from docent.prompts import squash
 from docent.settings import DocentSettings
 from docent.workspace import Workspace
@@ -57,8 +58,6 @@ RAFT_FIELDS = (
     "seed",
 )
 
-Progress = Callable[[str, int, int], None]
-
 
 class RaftBuildError(DocentError):
     """A RAFT build cannot start or produced nothing usable."""
@@ -89,10 +88,6 @@ class BuildReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "oracle_fraction": round(self.oracle_fraction, 4)}
-
-
-def _no_progress(stage: str, done: int, total: int) -> None:
-    pass
 
 
 def teacher_id(settings: DocentSettings) -> str:
@@ -139,7 +134,7 @@ def build_raft_set(
     qa_file: Path | str | None = None,
     engine: Engine | None = None,
     embedder: Embedder | None = None,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> BuildReport:
     started = time.perf_counter()
     raft_dir = Workspace(settings.workspace).ensure().raft_dir

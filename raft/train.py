@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 from docent.errors import ConfigError
 from docent.models import generator_id, generator_path
+from docent.progress import Progress, no_progress
 from docent.settings import DocentSettings
 from docent.workspace import Workspace
 from raft import show
@@ -32,7 +32,6 @@ from raft.adapters import METADATA, AdapterRegistry
 log = logging.getLogger(__name__)
 RUNS = ".runs"
 TRAINING = "TRAINING.json"
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -49,10 +48,6 @@ class TrainResult:
     resumed_from: str | None = None
     merged: str | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _no_progress(stage: str, done: int, total: int) -> None:
-    pass
 
 
 def to_prompt_completion(record: dict[str, Any]) -> dict[str, Any]:
@@ -119,7 +114,7 @@ def train_adapter(
     name: str | None = None,
     resume: bool = False,
     merge: bool = False,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
     callbacks: list[Any] | None = None,
 ) -> TrainResult:
     from datasets import Dataset

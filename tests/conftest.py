@@ -52,3 +52,50 @@ def write_corpus(folder: Path, files: dict[str, str]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     return folder
+
+
+def write_qa(path: Path, rows: list[tuple[str, str, str, str]]) -> Path:
+    """A qa.jsonl of answerable train questions: (question, answer, source, evidence)."""
+    import json
+
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"h{i}",
+                    "question": q,
+                    "answer": a,
+                    "source": s,
+                    "evidence": e,
+                    "split": "train",
+                    "answerable": True,
+                }
+            )
+            + "\n"
+            for i, (q, a, s, e) in enumerate(rows)
+        )
+    )
+    return path
+
+
+def run_script(tmp_path: Path, body: str, *args: str):
+    """Run ``body`` as a script in a fresh interpreter (vLLM spawns workers, so engines are
+    built under ``__main__``) and return the JSON it printed after ``RESULT ``."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(body))
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stderr[-3000:]
+    return json.loads(line[len("RESULT ") :])

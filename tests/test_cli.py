@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from docent.cli import app
 
-from conftest import write_corpus
+from conftest import write_corpus, write_qa
 
 runner = CliRunner()
 DOCS = {
@@ -77,20 +77,16 @@ def test_raft_build_and_show(tmp_path):
         "approves trips longer than 400 km in advance.",
     }
     corpus = write_corpus(tmp_path / "docs", docs)
-    qa = tmp_path / "qa.jsonl"
-    qa.write_text(
-        json.dumps(
-            {
-                "id": "h1",
-                "question": "How much does a lab badge cost?",
-                "answer": "12 EUR per year",
-                "source": "lab.md",
-                "split": "train",
-                "answerable": True,
-                "evidence": "The lab badge costs 12 EUR per year.",
-            }
-        )
-        + "\n"
+    qa = write_qa(
+        tmp_path / "qa.jsonl",
+        [
+            (
+                "How much does a lab badge cost?",
+                "12 EUR per year",
+                "lab.md",
+                "The lab badge costs 12 EUR per year.",
+            )
+        ],
     )
     ws = str(tmp_path / "ws")
     assert _run("--workspace", ws, "ingest", str(corpus)).exit_code == 0
@@ -128,23 +124,17 @@ def test_train_then_manage_adapters(tmp_path):
         for i in range(1, 5)
     }
     corpus = write_corpus(tmp_path / "docs", docs)
-    qa = tmp_path / "qa.jsonl"
-    qa.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "id": f"h{i}",
-                    "question": f"How fast does Unit {i} ship?",
-                    "answer": f"{i + 1} days",
-                    "source": f"unit{i}.md",
-                    "split": "train",
-                    "answerable": True,
-                    "evidence": f"Unit {i} ships within {i + 1} days.",
-                }
+    qa = write_qa(
+        tmp_path / "qa.jsonl",
+        [
+            (
+                f"How fast does Unit {i} ship?",
+                f"{i + 1} days",
+                f"unit{i}.md",
+                f"Unit {i} ships within {i + 1} days.",
             )
-            + "\n"
             for i in range(1, 5)
-        )
+        ],
     )
     ws = str(tmp_path / "ws")
     assert _run("--workspace", ws, "ingest", str(corpus)).exit_code == 0

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
 from docent.engine import ChatRequest, build_engine
 from docent.settings import DocentSettings
 
-from conftest import ROOT
+from conftest import run_script
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -83,19 +79,7 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_vllm_cpu_engine_generates_like_transformers(hf_engine, tmp_path):
-    script = tmp_path / "vllm_run.py"
-    script.write_text(textwrap.dedent(VLLM_SCRIPT))
-    proc = subprocess.run(
-        [sys.executable, str(script), json.dumps(QUESTIONS)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line, proc.stderr[-3000:]
-    vllm_out = json.loads(line[len("RESULT ") :])
+    vllm_out = run_script(tmp_path, VLLM_SCRIPT, json.dumps(QUESTIONS))
     hf_out = hf_engine.generate(_requests())
     assert "Paris" in vllm_out[0][0]
     for (text, n_new, n_prompt), hf in zip(vllm_out, hf_out, strict=True):

@@ -18,7 +18,7 @@ from ingest.store import KnowledgeStore
 from raft.build import BUILDING, RaftBuildError, build_raft_set
 from raft.show import load_examples, load_manifest
 
-from conftest import HANDBOOK, write_corpus
+from conftest import HANDBOOK, write_corpus, write_qa
 
 QA = HANDBOOK / "qa.jsonl"
 
@@ -144,24 +144,17 @@ def test_refresh_after_an_edit_regenerates_only_changed_chunks(tmp_path, teacher
         for i in range(1, 7)
     }
     corpus = write_corpus(tmp_path / "docs", docs)
-    qa = tmp_path / "qa.jsonl"
-    qa.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "id": f"h{i}",
-                    "question": f"How fast are Service {i} tickets answered?",
-                    "answer": f"{i + 2} working days",
-                    "source": f"doc{i}.md",
-                    "split": "train",
-                    "evidence": f"Tickets for Service {i} are answered within "
-                    f"{i + 2} working days.",
-                    "answerable": True,
-                }
+    qa = write_qa(
+        tmp_path / "qa.jsonl",
+        [
+            (
+                f"How fast are Service {i} tickets answered?",
+                f"{i + 2} working days",
+                f"doc{i}.md",
+                f"Tickets for Service {i} are answered within {i + 2} working days.",
             )
-            + "\n"
             for i in range(1, 7)
-        )
+        ],
     )
     settings = DocentSettings(workspace=tmp_path / "ws")
     refresh_index([corpus], settings, embedder=embedder)

@@ -4,10 +4,6 @@ loads in transformers+PEFT and vLLM, and the registry promotes and rolls back.""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -20,7 +16,7 @@ from raft.adapters import METADATA, AdapterError, AdapterRegistry
 from raft.build import build_raft_set
 from raft.train import TRAINING, train_adapter
 
-from conftest import ROOT, write_corpus
+from conftest import run_script, write_corpus, write_qa
 
 FACTS = {
     "desk.md": "# Desk\n\nThe Orbit help desk opens at 08:30 on weekdays. Tickets are "
@@ -71,24 +67,7 @@ def tiny_set(tmp_path_factory, embedder) -> DocentSettings:
     """A small RAFT set (human questions, short chunks) so training steps take seconds."""
     root = tmp_path_factory.mktemp("train")
     corpus = write_corpus(root / "docs", FACTS)
-    qa = root / "qa.jsonl"
-    qa.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "id": f"h{i}",
-                    "question": q,
-                    "answer": a,
-                    "source": s,
-                    "evidence": e,
-                    "split": "train",
-                    "answerable": True,
-                }
-            )
-            + "\n"
-            for i, (q, a, s, e) in enumerate(QA)
-        )
-    )
+    qa = write_qa(root / "qa.jsonl", QA)
     settings = DocentSettings(
         workspace=root / "ws",
         raft_distractors=2,
@@ -98,18 +77,8 @@ def tiny_set(tmp_path_factory, embedder) -> DocentSettings:
     )
     refresh_index([corpus], settings, embedder=embedder)
 
-    class NoTeacher:  # the set is built from human questions only: no teacher call needed
-        kind, model = "none", "none"
-
-        def generate(self, requests, progress=None):
-            return []
-
-        def close(self):
-            pass
-
-    build_raft_set(
-        settings, qa_file=qa, name="tiny", limit=0, engine=NoTeacher(), embedder=embedder
-    )
+    # Human questions only (limit=0): no teacher is built or called.
+    build_raft_set(settings, qa_file=qa, name="tiny", limit=0, embedder=embedder)
     return settings.with_overrides(
         train_max_steps=4,
         train_eval_steps=2,
@@ -224,19 +193,7 @@ def test_vllm_serves_the_trained_adapter(tiny_set, tmp_path):
     folder = tiny_set.workspace / "adapters" / "orbit"
     if not folder.exists():
         pytest.skip("needs the adapter from the training test")
-    script = tmp_path / "lora.py"
-    script.write_text(textwrap.dedent(VLLM_LORA))
-    proc = subprocess.run(
-        [sys.executable, str(script), str(folder)],
-        cwd=ROOT,
-        text=True,
-        capture_output=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line, proc.stderr[-3000:]
-    (tuned, adapter), (base, no_adapter) = json.loads(line[len("RESULT ") :])
+    (tuned, adapter), (base, no_adapter) = run_script(tmp_path, VLLM_LORA, str(folder))
     assert tuned and base and adapter == "orbit" and no_adapter is None
 
 
