@@ -6,8 +6,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -16,6 +17,8 @@ from rich.table import Table
 
 from docent.errors import DocentError
 from docent.settings import DocentSettings
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Docent: teach a language model a domain and answer questions about it.",
@@ -91,6 +94,16 @@ class _RichProgress:
         self.progress.update(self.tasks[stage], completed=done, total=max(total, 1))
 
 
+def _run_stage(stage: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a long stage with rich progress bars; a DocentError becomes one clear line."""
+    try:
+        with _progress() as progress:
+            return stage(*args, progress=_RichProgress(progress), **kwargs)
+    except DocentError as exc:
+        _fail(str(exc))
+        raise  # unreachable: _fail exits
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold blue]{task.description}"),
@@ -126,17 +139,7 @@ def ingest(
         index_type=index_type,
         embed_batch_size=batch_size,
     )
-    try:
-        with _progress() as progress:
-            report = refresh_index(
-                paths,
-                settings,
-                collection=collection,
-                rebuild=rebuild,
-                progress=_RichProgress(progress),
-            )
-    except DocentError as exc:
-        _fail(str(exc))
+    report = _run_stage(refresh_index, paths, settings, collection=collection, rebuild=rebuild)
     if as_json:
         out.print_json(json.dumps(report.as_dict()))
         return
@@ -250,19 +253,15 @@ def raft_build(
         llm_model=teacher_model,
         engine="openai" if remote else engine,
     )
-    try:
-        with _progress() as progress:
-            report = build_raft_set(
-                settings,
-                limit=limit,
-                name=name,
-                resume=resume,
-                refresh=refresh,
-                qa_file=qa_file,
-                progress=_RichProgress(progress),
-            )
-    except DocentError as exc:
-        _fail(str(exc))
+    report = _run_stage(
+        build_raft_set,
+        settings,
+        limit=limit,
+        name=name,
+        resume=resume,
+        refresh=refresh,
+        qa_file=qa_file,
+    )
     if as_json:
         out.print_json(json.dumps(report.as_dict()))
         return
@@ -367,22 +366,16 @@ def train(
         train_eval_steps=eval_steps,
         train_qlora=qlora or None,
     )
-    try:
-        with _progress() as progress:
-            result = train_adapter(
-                settings,
-                dataset=dataset,
-                name=name,
-                resume=resume,
-                merge=merge,
-                progress=_RichProgress(progress),
-            )
-        if promote:
+    result = _run_stage(
+        train_adapter, settings, dataset=dataset, name=name, resume=resume, merge=merge
+    )
+    if promote:
+        try:
             AdapterRegistry(settings.workspace / "adapters").promote(
                 result.name, settings.generator
             )
-    except DocentError as exc:
-        _fail(str(exc))
+        except DocentError as exc:
+            _fail(str(exc))
     out.print(f"[bold]{result.name}[/] → {result.path}")
     out.print(
         f"{result.steps} steps in {result.seconds}s ({result.tokens_per_s} tokens/s); "
