@@ -227,6 +227,10 @@ def raft_build(
     limit: Annotated[int | None, typer.Option(help="Use at most N chunks.")] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="chat, completion or hf.")] = None,
     qa_file: Annotated[Path | None, typer.Option(help="Human questions (train split).")] = None,
+    feedback: Annotated[
+        Path | None,
+        typer.Option(help="Corrections exported by the API (GET /v1/feedback/export)."),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Dataset name (default: dated).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for mixing and splits.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted build.")] = False,
@@ -261,6 +265,7 @@ def raft_build(
         resume=resume,
         refresh=refresh,
         qa_file=qa_file,
+        feedback_file=feedback,
     )
     if as_json:
         out.print_json(json.dumps(report.as_dict()))
@@ -469,6 +474,39 @@ def models(
         _fail(str(exc))
     for role, setting, path in rows:
         out.print(f"[bold]{role}[/] ({setting}): {path}", soft_wrap=True)
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    engine: Annotated[str | None, typer.Option(help="auto, vllm, hf or openai.")] = None,
+    llm_url: Annotated[
+        str | None, typer.Option(help="An OpenAI-compatible server to generate with.")
+    ] = None,
+    llm_model: Annotated[str | None, typer.Option(help="Model name at --llm-url.")] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="Default adapter: promoted, base or a name.")
+    ] = None,
+) -> None:
+    """Serve the retrieval-augmented API and the web chat page (uvicorn)."""
+    from serving.server import serve as run_server
+
+    settings = _settings(
+        ctx,
+        host=host,
+        port=port,
+        engine=engine,
+        llm_url=llm_url,
+        llm_model=llm_model,
+        serve_adapter=adapter,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run_server(settings)
+    except DocentError as exc:
+        _fail(str(exc))
 
 
 if __name__ == "__main__":

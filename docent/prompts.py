@@ -52,12 +52,42 @@ def user_message(question: str, docs: Sequence[ContextDoc]) -> str:
     return f"{format_documents(docs)}\n\nQuestion: {question.strip()}"
 
 
+# Chat modes add to the trained system prompt; plain questions (and training) use it as is.
+MODE_INSTRUCTIONS = {
+    "tutor": (
+        "You are a patient tutor. Explain the answer step by step in simple words, then end "
+        "your reasoning with one short question that checks the learner understood."
+    ),
+    "support": (
+        "You are a support agent. Be brief and practical. If the documents do not cover the "
+        "problem, say that you cannot help with it and suggest contacting a human agent."
+    ),
+}
+
+
+def system_prompt(mode: str | None = None, extra: str | None = None) -> str:
+    """The trained system prompt, plus a chat mode's and an integration's instructions."""
+    parts = [SYSTEM_PROMPT]
+    if mode:
+        if mode not in MODE_INSTRUCTIONS:
+            raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODE_INSTRUCTIONS)}")
+        parts.append(MODE_INSTRUCTIONS[mode])
+    if extra and extra.strip():
+        parts.append(f"Instructions from the application: {extra.strip()}")
+    return " ".join(parts)
+
+
 def build_messages(
-    question: str, docs: Sequence[ContextDoc], history: Sequence[dict[str, str]] = ()
+    question: str,
+    docs: Sequence[ContextDoc],
+    history: Sequence[dict[str, str]] = (),
+    mode: str | None = None,
+    extra_instructions: str | None = None,
 ) -> list[dict[str, str]]:
-    """Chat messages for one question with its context documents (training and serving)."""
+    """Chat messages for one question with its context documents (training and serving).
+    ``history`` holds earlier turns as plain user/assistant messages, without documents."""
     return [
-        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "system", "content": system_prompt(mode, extra_instructions)},
         *history,
         {"role": "user", "content": user_message(question, docs)},
     ]

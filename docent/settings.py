@@ -121,6 +121,34 @@ class DocentSettings(BaseSettings):
     )
     train_qlora: bool = Field(default=False, description="4-bit base (bitsandbytes, CUDA only).")
 
+    # Serving (docent serve).
+    host: str = Field(default="127.0.0.1", description="Address the API listens on.")
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys: SecretStr | None = Field(
+        default=None,
+        description="Comma-separated API keys; 'KEY:admin' grants the admin scope (refresh, "
+        "regenerate, feedback export). Unset: no auth (only sensible on 127.0.0.1).",
+    )
+    serve_adapter: str = Field(
+        default="promoted",
+        description="Adapter answering by default: 'promoted', 'base' or an adapter name.",
+    )
+    answer_max_tokens: int = Field(default=384, ge=1, le=8192)
+    min_relevance: float = Field(
+        default=0.35,
+        ge=-1.0,
+        le=1.0,
+        description="Best dense cosine below this = nothing relevant: decline without asking "
+        "the model (0.35 sits between off-topic questions, <=0.31, and handbook ones, >=0.45).",
+    )
+    max_question_chars: int = Field(default=4000, ge=1)
+    max_k: int = Field(default=20, ge=1, le=200)
+    max_body_kb: int = Field(default=256, ge=1, description="JSON request body limit.")
+    max_upload_mb: float = Field(default=50.0, gt=0, description="Upload limit per request.")
+    chat_history_turns: int = Field(
+        default=6, ge=0, le=100, description="Past messages a chat turn sends to the model."
+    )
+
     @field_validator("workspace", "cache_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path) -> Path:

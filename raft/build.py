@@ -132,6 +132,7 @@ def build_raft_set(
     resume: bool = False,
     refresh: bool = False,
     qa_file: Path | str | None = None,
+    feedback_file: Path | str | None = None,
     engine: Engine | None = None,
     embedder: Embedder | None = None,
     progress: Progress = no_progress,
@@ -200,6 +201,15 @@ def build_raft_set(
     results = [cache.get(c.chunk_id, c.text_hash) for c in targets]
     items, rejections = _collect(results, report)
     human, qa_splits, human_rejections = _human_items(qa_path, chunks) if qa_path else ([], {}, {})
+    if feedback_file is not None:
+        # Reviewers' corrections from the API (`/v1/feedback`), in the --qa-file format.
+        if not Path(feedback_file).exists():
+            raise ConfigError(f"--feedback {feedback_file} does not exist")
+        corrected, _, feedback_rejections = _human_items(Path(feedback_file), chunks)
+        human = [*human, *corrected]
+        human_rejections = Counter(human_rejections) + Counter(
+            {f"feedback_{k}": v for k, v in feedback_rejections.items()}
+        )
     report.human_questions = len(human)
     rejections.update(human_rejections)
     items = _dedupe([*human, *items], embedder, rejections)

@@ -1,4 +1,9 @@
-"""Shared fixtures. Models are loaded once per session; nothing is fetched from a hub."""
+"""Shared fixtures. Models are loaded once per session; nothing is fetched from a hub.
+
+``live_server`` is a real Docent server: uvicorn on 127.0.0.1 in a thread of the test
+process, the embedded SmolLM2 on the transformers engine (vLLM's own server runs in a
+subprocess, in tests/serving/test_vllm_server.py), a copy of the handbook index, a LoRA
+adapter promoted and API keys on. Started once per session."""
 
 from __future__ import annotations
 
@@ -8,8 +13,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from docent.settings import DocentSettings  # noqa: E402
@@ -99,3 +111,119 @@ def run_script(tmp_path: Path, body: str, *args: str):
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line, proc.stderr[-3000:]
     return json.loads(line[len("RESULT ") :])
+
+
+# The live server -------------------------------------------------------------------------
+USER_KEY = "user-key-0123456789"
+ADMIN_KEY = "admin-key-0123456789"
+ADAPTER = "handbook-lora"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_lora_adapter(folder: Path, model_path: str, seed: int = 0) -> Path:
+    """A real PEFT LoRA adapter with random (non-zero) weights, so it visibly changes the
+    output: enough to test that requests are routed to it; training is tested in raft/."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from docent.models import generator_id
+    from raft.adapters import METADATA
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(str(folder))
+    (folder / METADATA).write_text(
+        json.dumps({"name": folder.name, "base_model": generator_id("default"), "eval": None})
+    )
+    return folder
+
+
+@dataclass
+class LiveServer:
+    url: str
+    settings: DocentSettings
+    app: object
+    corpus: Path
+
+    def client(self, key: str | None = USER_KEY, timeout: float = 300) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def admin(self) -> httpx.Client:
+        return self.client(ADMIN_KEY)
+
+    def wait_job(self, job_id: str, timeout: float = 600) -> dict:
+        with self.admin() as c:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                job = c.get(f"/v1/jobs/{job_id}").json()
+                if job["state"] in ("succeeded", "failed"):
+                    return job
+                time.sleep(0.2)
+        raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def hf_serving_engine():
+    from docent.engine.hf import HFEngine
+    from docent.models import generator_path
+
+    engine = HFEngine(generator_path("default", DocentSettings().cache_dir), batch_size=16)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory, handbook_settings, embedder, hf_serving_engine):
+    import uvicorn
+
+    from docent.models import generator_path
+    from raft.adapters import AdapterRegistry
+    from serving.app import create_app
+
+    root = tmp_path_factory.mktemp("serve-ws")
+    # A copy of the session's handbook index: these tests refresh it.
+    shutil.copytree(handbook_settings.workspace / "index", root / "index")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    make_lora_adapter(
+        root / "adapters" / ADAPTER, generator_path("default", DocentSettings().cache_dir)
+    )
+    AdapterRegistry(root / "adapters").promote(ADAPTER, "default")
+    port = free_port()
+    settings = DocentSettings(
+        workspace=root,
+        host="127.0.0.1",
+        port=port,
+        api_keys=f"{USER_KEY},{ADMIN_KEY}:admin",
+        answer_max_tokens=48,
+        max_question_chars=2000,
+        max_body_kb=64,
+        max_upload_mb=1,
+    )
+    app = create_app(settings, engine=hf_serving_engine, embedder=embedder)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.1)
+    yield LiveServer(url, settings, app, corpus)
+    server.should_exit = True
+    thread.join(timeout=30)

@@ -1,0 +1,168 @@
+"""The FastAPI app: ``create_app(settings)``. Routes live in ``routes_*`` modules; this one
+wires state, middleware, error handling, health and the web page."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+import docent
+from docent.engine import Engine, EngineUnavailableError
+from docent.errors import (
+    ConfigError,
+    DocentError,
+    EmptyIndexError,
+    IndexBusyError,
+    IndexMismatchError,
+)
+from docent.settings import DocentSettings
+from ingest.embedder import Embedder
+from raft.adapters import AdapterError
+from serving import openai_api, routes_admin, routes_answer
+from serving.auth import KeyRing, require_user
+from serving.metrics import Metrics
+from serving.middleware import BodyLimit, RequestMetrics
+from serving.state import ServingState
+from serving.store import NotFoundError
+
+log = logging.getLogger(__name__)
+WEB = Path(__file__).parent / "web"
+UPLOAD_PATH = "/v1/index/refresh"
+
+# Most specific first: NotFoundError is a ConfigError.
+ERROR_STATUS: list[tuple[type[DocentError], int]] = [
+    (NotFoundError, 404),
+    (AdapterError, 404),
+    (EmptyIndexError, 503),
+    (EngineUnavailableError, 503),
+    (IndexBusyError, 409),
+    (IndexMismatchError, 409),
+    (ConfigError, 400),
+    (DocentError, 400),
+]
+
+
+def status_for(exc: DocentError) -> int:
+    return next(code for cls, code in ERROR_STATUS if isinstance(exc, cls))
+
+
+def create_app(
+    settings: DocentSettings,
+    *,
+    engine: Engine | None = None,
+    embedder: Embedder | None = None,
+) -> FastAPI:
+    """The API. ``engine``/``embedder`` let tests and benches share loaded models; by default
+    the lifespan builds them from the settings (vLLM where it runs)."""
+    metrics = Metrics()
+    keys = KeyRing(settings.api_keys.get_secret_value() if settings.api_keys else None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Built inside the running loop: the async vLLM engine binds to it.
+        state = ServingState.build(settings, engine=engine, embedder=embedder, metrics=metrics)
+        app.state.docent = state
+        watcher = asyncio.create_task(state.watch_index())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            state.close()
+
+    app = FastAPI(
+        title="Docent",
+        version=docent.__version__,
+        description="Retrieval-augmented answers from a RAFT-tuned model, with citations.",
+        lifespan=lifespan,
+    )
+    app.state.keys = keys
+    app.state.settings = settings
+    app.state.metrics = metrics
+
+    upload_limit = int(settings.max_upload_mb * 1024 * 1024)
+    json_limit = settings.max_body_kb * 1024
+    app.add_middleware(
+        BodyLimit, limit_for=lambda path: upload_limit if path == UPLOAD_PATH else json_limit
+    )
+    app.add_middleware(RequestMetrics, metrics=metrics)
+
+    @app.exception_handler(DocentError)
+    async def docent_error(request: Request, exc: DocentError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status_for(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's detail list, plus one readable line for people reading curl output.
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid body"
+        return JSONResponse(
+            {"detail": message, "errors": _jsonable(errors)}, status_code=422
+        )
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(
+            {"detail": "internal error: see the server log"}, status_code=500
+        )
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process serves HTTP."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: an index is loaded and the engine is up."""
+        state: ServingState = request.app.state.docent
+        retriever = state.rag.retriever
+        body: dict[str, Any] = {
+            "ready": retriever is not None,
+            "engine": state.engine.kind,
+            "model": state.engine.model,
+            "adapter": _safe_default_adapter(state),
+            "index_version": retriever.version if retriever else None,
+            "chunks": len(retriever.store) if retriever else 0,
+        }
+        if retriever is None:
+            body["detail"] = "no index yet: POST /v1/index/refresh or run `docent ingest PATH`"
+        return JSONResponse(body, status_code=200 if retriever is not None else 503)
+
+    @app.get("/metrics", tags=["ops"], dependencies=[Depends(require_user)])
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(WEB / "index.html")
+
+    if (WEB / "static").is_dir():
+        app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
+    app.include_router(routes_answer.router)
+    app.include_router(routes_admin.router)
+    app.include_router(openai_api.router)
+    return app
+
+
+def _safe_default_adapter(state: ServingState) -> str | None:
+    try:
+        return state.adapters.default_name()
+    except DocentError:
+        return None
+
+
+def _jsonable(errors: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(errors, default=str))

@@ -1,0 +1,268 @@
+"""Retrieval-augmented answering: retrieve, prompt with the trained template, generate, parse
+the RAFT answer and tie each quote back to the chunk it came from.
+
+Every endpoint (``/v1/ask``, ``/v1/chat``, ``/v1/chat/completions``) goes through
+``RagService.stream``, so they retrieve, prompt and cite the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from docent.engine import ChatRequest, Completion, Engine
+from docent.errors import EmptyIndexError
+from docent.prompts import (
+    DECLINE_ANSWER,
+    build_messages,
+    format_answer,
+    normalise,
+    parse_answer,
+    squash,
+)
+from docent.settings import DocentSettings
+from retrieval import Filters, Hit, Retriever
+from retrieval.fusion import reciprocal_rank_fusion
+from serving.adapters import AdapterCatalog
+from serving.metrics import Metrics
+
+NOTHING_RELEVANT = "No document in the knowledge base is relevant to this question."
+
+
+@dataclass
+class Citation:
+    document: int  # the 1-based DOCUMENT id in the prompt
+    chunk_id: str
+    source: str
+    section: str | None
+    page: int | None
+    quote: str
+    score: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    reasoning: str
+    declined: bool
+    citations: list[Citation]
+    unsupported_quotes: list[str]  # quotes found in no retrieved chunk
+    hits: list[Hit]
+    model: str
+    adapter: str | None
+    raw: str
+    finish_reason: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # milliseconds
+    id: str = ""
+
+    @property
+    def grounded(self) -> bool:
+        """Quotes were given and every one of them is in a retrieved chunk."""
+        return bool(self.citations) and not self.unsupported_quotes
+
+
+@dataclass
+class Retrieved:
+    hits: list[Hit]
+    relevance: float | None  # best dense cosine among the hits; None in bm25-only mode
+    ms: float
+
+
+@dataclass
+class StreamEvent:
+    """``retrieved`` (hits known), ``delta`` (new model text), ``answer`` (all done)."""
+
+    kind: str
+    retrieved: Retrieved | None = None
+    text: str = ""
+    answer: Answer | None = None
+
+
+class RagService:
+    def __init__(
+        self,
+        settings: DocentSettings,
+        retriever: Retriever | None,
+        engine: Engine,
+        adapters: AdapterCatalog,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.retriever = retriever
+        self.engine = engine
+        self.adapters = adapters
+        self.metrics = metrics
+
+    # Retrieval -----------------------------------------------------------------------------
+    def _retriever(self) -> Retriever:
+        if self.retriever is None:
+            raise EmptyIndexError(
+                "there is no index yet: POST /v1/index/refresh (or run `docent ingest PATH`)"
+            )
+        return self.retriever
+
+    def retrieve(
+        self,
+        question: str,
+        k: int,
+        filters: Filters | None = None,
+        earlier_questions: Sequence[str] = (),
+    ) -> Retrieved:
+        """The chunks for a question. In a conversation a follow-up ("and how much does it
+        cost?") often names nothing itself, so the earlier user turns are searched together
+        with it and both rankings are fused; the last message alone still ranks first on ties.
+        """
+        retriever = self._retriever()
+        started = time.perf_counter()
+        hits = retriever.search(question, k=k, filters=filters)
+        if earlier_questions:
+            context = " ".join([*earlier_questions[-2:], question])
+            context_hits = retriever.search(context, k=k, filters=filters)
+            by_id = {h.vector_id: h for h in [*context_hits, *hits]}
+            fused = reciprocal_rank_fusion(
+                [[h.vector_id for h in hits], [h.vector_id for h in context_hits]],
+                self.settings.rrf_k,
+            )
+            hits = [by_id[vid] for vid, _ in fused[:k]]
+        dense = [h.scores["dense"] for h in hits if "dense" in h.scores]
+        ms = 1000 * (time.perf_counter() - started)
+        self.metrics.retrieval.observe(ms / 1000)
+        return Retrieved(hits, max(dense) if dense else None, ms)
+
+    def relevant(self, retrieved: Retrieved) -> bool:
+        if not retrieved.hits:
+            return False
+        return retrieved.relevance is None or retrieved.relevance >= self.settings.min_relevance
+
+    # Generation ----------------------------------------------------------------------------
+    async def stream(
+        self,
+        question: str,
+        *,
+        k: int | None = None,
+        filters: Filters | None = None,
+        adapter: str | None = None,
+        history: Sequence[dict[str, str]] = (),
+        mode: str | None = None,
+        extra_instructions: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        started = time.perf_counter()
+        adapter_name = self.adapters.resolve(adapter)
+        earlier = [m["content"] for m in history if m["role"] == "user"]
+        retrieved = await asyncio.to_thread(
+            self.retrieve, question, k or self.settings.top_k, filters, earlier
+        )
+        yield StreamEvent("retrieved", retrieved=retrieved)
+        if not self.relevant(retrieved):
+            # Nothing to ground an answer in: say so rather than let the model invent one.
+            raw = format_answer(NOTHING_RELEVANT, DECLINE_ANSWER)
+            self.metrics.answers.labels("no_context").inc()
+            yield StreamEvent("delta", text=raw)
+            completion = Completion(raw, 0, 0, "stop", self.engine.model, adapter_name)
+            answer = self._answer(question, retrieved, completion, started, 0.0, None)
+            yield StreamEvent("answer", answer=answer)
+            return
+        request = ChatRequest(
+            messages=build_messages(question, retrieved.hits, history, mode, extra_instructions),
+            max_tokens=max_tokens or self.settings.answer_max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            adapter=adapter_name,
+        )
+        gen_started = time.perf_counter()
+        first: float | None = None
+        completion = None
+        async for delta in self.engine.astream(request):
+            if delta.text:
+                if first is None:
+                    first = time.perf_counter() - gen_started
+                    self.metrics.first_token.observe(first)
+                yield StreamEvent("delta", text=delta.text)
+            completion = delta.completion or completion
+        assert completion is not None, "engines end every stream with a completion"
+        gen_s = time.perf_counter() - gen_started
+        self.metrics.generation.observe(gen_s)
+        self.metrics.tokens.labels("prompt").inc(completion.prompt_tokens)
+        self.metrics.tokens.labels("completion").inc(completion.completion_tokens)
+        answer = self._answer(question, retrieved, completion, started, gen_s * 1000, first)
+        self.metrics.answers.labels("declined" if answer.declined else "answered").inc()
+        yield StreamEvent("answer", answer=answer)
+
+    async def answer(self, question: str, **kwargs: Any) -> Answer:
+        result: Answer | None = None
+        async for event in self.stream(question, **kwargs):
+            result = event.answer or result
+        assert result is not None
+        return result
+
+    def _answer(
+        self,
+        question: str,
+        retrieved: Retrieved,
+        completion: Completion,
+        started: float,
+        generation_ms: float,
+        first_token_s: float | None,
+    ) -> Answer:
+        parsed = parse_answer(completion.text)
+        citations, unsupported = cite(parsed.quotes, retrieved.hits)
+        timings = {
+            "retrieval_ms": round(retrieved.ms, 1),
+            "generation_ms": round(generation_ms, 1),
+            "total_ms": round(1000 * (time.perf_counter() - started), 1),
+        }
+        if first_token_s is not None:
+            timings["first_token_ms"] = round(1000 * first_token_s, 1)
+        return Answer(
+            question=question,
+            answer=parsed.answer or DECLINE_ANSWER,
+            reasoning=parsed.reasoning,
+            declined=parsed.declined or not parsed.answer,
+            citations=citations,
+            unsupported_quotes=unsupported,
+            hits=retrieved.hits,
+            model=completion.model,
+            adapter=completion.adapter,
+            raw=completion.text,
+            finish_reason=completion.finish_reason,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            timings=timings,
+        )
+
+
+def cite(quotes: Sequence[str], hits: Sequence[Hit]) -> tuple[list[Citation], list[str]]:
+    """Each quote tied to the first retrieved chunk that holds it (whitespace- and
+    case-insensitively; punctuation-insensitively as a fallback). Quotes found nowhere are
+    returned apart: the answer is then not fully grounded."""
+    citations: list[Citation] = []
+    unsupported: list[str] = []
+    flat = [squash(h.text).lower() for h in hits]
+    loose = [normalise(h.text) for h in hits]
+    for q in quotes:
+        needle, loose_needle = squash(q).lower(), normalise(q)
+        if not loose_needle:
+            continue
+        at = next((i for i, t in enumerate(flat) if needle in t), None)
+        if at is None:
+            at = next((i for i, t in enumerate(loose) if loose_needle in t), None)
+        if at is None:
+            unsupported.append(q)
+            continue
+        h = hits[at]
+        citations.append(Citation(at + 1, h.chunk_id, h.source, h.section, h.page, q, h.score))
+    return citations, unsupported
