@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from docent.errors import DocentError
@@ -48,9 +48,22 @@ class Completion:
     adapter: str | None = None
 
 
+@dataclass
+class StreamDelta:
+    """A piece of a streamed completion: the text added since the previous delta. The last
+    delta of a stream carries the finished ``Completion`` (its text is the whole output)."""
+
+    text: str
+    completion: Completion | None = None
+
+
 class Engine(ABC):
-    """Batched chat generation. Implementations must be safe to call from one thread at a
-    time; serving wraps them with its own queue."""
+    """Batched chat generation.
+
+    ``generate`` is the batch API (RAFT builds, eval): safe to call from one thread at a time.
+    ``astream``/``agenerate`` are the serving API: many coroutines may await them at once on
+    one event loop, and the engine batches or schedules them itself.
+    """
 
     kind: str = ""
     model: str = ""
@@ -62,7 +75,21 @@ class Engine(ABC):
         """One completion per request, in order. Batches internally."""
 
     async def agenerate(self, request: ChatRequest) -> Completion:
-        return (await asyncio.to_thread(self.generate, [request]))[0]
+        completion: Completion | None = None
+        async for delta in self.astream(request):
+            completion = delta.completion or completion
+        if completion is None:
+            raise EngineUnavailableError(f"the {self.kind} engine ended a stream without a result")
+        return completion
+
+    async def astream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        """Stream one completion. This fallback yields it whole once it is done."""
+        completion = (await asyncio.to_thread(self.generate, [request]))[0]
+        yield StreamDelta(completion.text, completion)
+
+    def queue_depth(self) -> int:
+        """Requests waiting or running inside the engine (for /metrics); 0 if unknown."""
+        return 0
 
     def add_adapter(self, name: str, path: str) -> None:
         raise EngineUnavailableError(f"the {self.kind} engine cannot load LoRA adapters")
