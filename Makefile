@@ -13,7 +13,7 @@ CORPUS ?= examples/handbook
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast lint demo bench clean
+.PHONY: setup browser test test-fast lint demo bench clean
 
 setup: $(VENV)/.docent-installed
 
@@ -34,7 +34,16 @@ endif
 	$(BIN)/python -c "import docent.models as m; print('embedder:', m.embedder_path()); print('generator gguf:', m.generator_gguf())"
 	touch $@
 
-test: setup
+# The web page's browser test (tests/serving/test_web.py) drives Debian's Chromium headless;
+# Playwright's own browser download is never used.
+browser:
+	@test -x /usr/bin/chromium || { \
+	  command -v apt-get >/dev/null || { echo "no apt-get: install Chromium yourself (the browser test skips without it)"; exit 0; }; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	}
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

@@ -37,6 +37,17 @@ from serving.store import NotFoundError
 log = logging.getLogger(__name__)
 WEB = Path(__file__).parent / "web"
 UPLOAD_PATH = "/v1/index/refresh"
+# The page loads nothing from elsewhere and may not be framed by other sites (clickjacking).
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 # Most specific first: NotFoundError is a ConfigError.
 ERROR_STATUS: list[tuple[type[DocentError], int]] = [
@@ -145,7 +156,7 @@ def create_app(
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
-        return FileResponse(WEB / "index.html")
+        return FileResponse(WEB / "index.html", headers=PAGE_HEADERS)
 
     if (WEB / "static").is_dir():
         app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
