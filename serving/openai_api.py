@@ -187,9 +187,14 @@ async def chat_completions(body: ChatCompletionBody, request: Request) -> Any:
                         yield chunk({"content": rest})
                     yield chunk({}, _finish(answer), docent=docent_extra(answer))
                     if include_usage:
-                        usage = {"id": completion_id, "object": "chat.completion.chunk",
-                                 "created": created, "model": body.model, "choices": [],
-                                 "usage": _usage(answer)}
+                        usage = {
+                            "id": completion_id,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": body.model,
+                            "choices": [],
+                            "usage": _usage(answer),
+                        }
                         yield f"data: {json.dumps(usage)}\n\n"
         except DocentError as exc:
             yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'docent'}})}\n\n"

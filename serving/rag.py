@@ -171,8 +171,8 @@ class RagService:
             raw = format_answer(NOTHING_RELEVANT, DECLINE_ANSWER)
             self.metrics.answers.labels("no_context").inc()
             yield StreamEvent("delta", text=raw)
-            completion = Completion(raw, 0, 0, "stop", self.engine.model, adapter_name)
-            answer = self._answer(question, retrieved, completion, started, 0.0, None)
+            canned = Completion(raw, 0, 0, "stop", self.engine.model, adapter_name)
+            answer = self._answer(question, retrieved, canned, started, 0.0, None)
             yield StreamEvent("answer", answer=answer)
             return
         request = ChatRequest(
@@ -185,7 +185,7 @@ class RagService:
         )
         gen_started = time.perf_counter()
         first: float | None = None
-        completion = None
+        completion: Completion | None = None
         async for delta in self.engine.astream(request):
             if delta.text:
                 if first is None:

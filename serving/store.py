@@ -190,14 +190,15 @@ class ServingStore:
                 "ORDER BY f.id"
             ).fetchall()
         keys = ("id", "answer_id", "rating", "correction", "comment", "created")
-        return [{**dict(zip(keys, r[:6], strict=True)), "question": r[6], "answer": r[7]}
-                for r in rows]
+        return [
+            {**dict(zip(keys, r[:6], strict=True)), "question": r[6], "answer": r[7]} for r in rows
+        ]
 
     def corrections_as_qa(self) -> list[dict[str, Any]]:
         """Corrections in the ``--qa-file`` format, so ``docent raft build`` trains on them.
         The evidence is the sentence of a retrieved chunk that holds the corrected answer;
         without one, the first cited source (the build rejects rows it cannot locate)."""
-        rows = []
+        rows: list[dict[str, Any]] = []
         for fb in self.feedback():
             correction = (fb["correction"] or "").strip()
             if not correction:

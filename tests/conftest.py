@@ -177,9 +177,13 @@ class LiveServer:
 @pytest.fixture(scope="session")
 def hf_serving_engine():
     from docent.engine.hf import HFEngine
-    from docent.models import generator_path
+    from docent.models import generator_name, generator_path
 
-    engine = HFEngine(generator_path("default", DocentSettings().cache_dir), batch_size=16)
+    engine = HFEngine(
+        generator_path("default", DocentSettings().cache_dir),
+        batch_size=16,
+        model_name=generator_name("default"),
+    )
     yield engine
     engine.close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 from docent.engine.base import Engine, EngineUnavailableError
-from docent.models import generator_path
+from docent.models import generator_name, generator_path
 from docent.settings import DocentSettings
 
 
@@ -17,7 +17,13 @@ def resolve_engine_kind(settings: DocentSettings) -> str:
     return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
-def build_engine(settings: DocentSettings, kind: str | None = None) -> Engine:
+def build_engine(
+    settings: DocentSettings, kind: str | None = None, serving: bool = False
+) -> Engine:
+    """The engine ``settings`` ask for. ``serving=True`` picks the variant made for many
+    concurrent streaming requests where the kinds differ: vLLM's ``AsyncLLM`` (continuous
+    batching; build it inside the server's running event loop) instead of the batch ``LLM``.
+    The hf and openai engines serve and batch alike."""
     kind = kind or resolve_engine_kind(settings)
     if kind == "openai":
         if not settings.llm_url:
@@ -27,7 +33,17 @@ def build_engine(settings: DocentSettings, kind: str | None = None) -> Engine:
         key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
         return OpenAIEngine(settings.llm_url, settings.llm_model, key, settings.llm_concurrency)
     path = generator_path(settings.generator, settings.cache_dir)
-    name = settings.generator
+    name = generator_name(settings.generator)
+    if kind == "vllm" and serving:
+        from docent.engine.vllm_async import AsyncVLLMEngine
+
+        return AsyncVLLMEngine(
+            path,
+            max_model_len=settings.max_model_len,
+            kv_cache_gib=settings.vllm_kv_cache_gib,
+            model_name=name,
+            dtype=settings.dtype,
+        )
     if kind == "vllm":
         from docent.engine.vllm_engine import VLLMEngine
 
@@ -36,11 +52,16 @@ def build_engine(settings: DocentSettings, kind: str | None = None) -> Engine:
             max_model_len=settings.max_model_len,
             kv_cache_gib=settings.vllm_kv_cache_gib,
             model_name=name,
+            dtype=settings.dtype,
         )
     if kind == "hf":
         from docent.engine.hf import HFEngine
 
         return HFEngine(
-            path, batch_size=settings.gen_batch_size, device=settings.device, model_name=name
+            path,
+            batch_size=settings.gen_batch_size,
+            device=settings.device,
+            model_name=name,
+            dtype=settings.dtype,
         )
     raise EngineUnavailableError(f"unknown engine {kind!r}: use auto, vllm, hf or openai")

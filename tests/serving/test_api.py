@@ -74,14 +74,19 @@ def test_off_topic_questions_are_declined_without_generating(live_server):
 def test_chat_keeps_history_and_retrieves_with_the_conversation(live_server):
     with live_server.client() as c:
         first = c.post(
-            "/v1/chat", json={"message": "How do I invite people to my workspace?", "mode": "support"}
+            "/v1/chat",
+            json={"message": "How do I invite people to my workspace?", "mode": "support"},
         ).json()
         session = first["session_id"]
         assert session
         # The follow-up names nothing: only the conversation says what "it" is.
         second = c.post(
             "/v1/chat",
-            json={"session_id": session, "message": "How long does it stay valid?", "mode": "tutor"},
+            json={
+                "session_id": session,
+                "message": "How long does it stay valid?",
+                "mode": "tutor",
+            },
         ).json()
         history = c.get(f"/v1/chat/{session}").json()["messages"]
         alone = c.post("/v1/ask", json={"question": "How long does it stay valid?"}).json()
@@ -251,8 +256,10 @@ def test_uploads_are_indexed_by_a_background_job(live_server):
     with live_server.client() as c:
         body = c.post(
             "/v1/ask",
-            json={"question": "How long can the Lantern Loft be booked?",
-                  "filters": {"collection": "office"}},
+            json={
+                "question": "How long can the Lantern Loft be booked?",
+                "filters": {"collection": "office"},
+            },
         ).json()
     assert body["chunks"][0]["source"] == "lantern-loft.md"
 

