@@ -477,6 +477,64 @@ def models(
 
 
 @app.command()
+def ask(
+    ctx: typer.Context,
+    question: Annotated[str, typer.Argument(help="The question.")],
+    k: Annotated[int | None, typer.Option("-k", help="Chunks to retrieve.")] = None,
+    source: Annotated[list[str] | None, typer.Option(help="Only these source files.")] = None,
+    collection: Annotated[list[str] | None, typer.Option(help="Only these collections.")] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="promoted (default), base or an adapter name.")
+    ] = None,
+    engine: Annotated[str | None, typer.Option(help="auto, vllm, hf or openai.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
+) -> None:
+    """Answer one question from the knowledge base (what the API does, without a server)."""
+    from retrieval import Filters
+    from serving.oneshot import ask_once
+
+    settings = _settings(ctx, engine=engine)
+    try:
+        with console.status("retrieving and generating…"):
+            answer = ask_once(
+                settings,
+                question,
+                k=k,
+                filters=Filters.of(source, None, collection),
+                adapter=adapter,
+            )
+    except DocentError as exc:
+        _fail(str(exc))
+    if as_json:
+        out.print_json(
+            json.dumps(
+                {
+                    "answer": answer.answer,
+                    "reasoning": answer.reasoning,
+                    "declined": answer.declined,
+                    "grounded": answer.grounded,
+                    "citations": [c.as_dict() for c in answer.citations],
+                    "sources": [h.source for h in answer.hits],
+                    "adapter": answer.adapter,
+                    "timings": answer.timings,
+                }
+            )
+        )
+        return
+    out.print(f"[bold]{answer.answer}[/]")
+    for c in answer.citations:
+        where = f"{c.source} § {c.section}" if c.section else c.source
+        out.print(f"  [dim][{c.document}] {where}:[/] “{c.quote}”", soft_wrap=True)
+    if not answer.citations:
+        sources = ", ".join(dict.fromkeys(h.source for h in answer.hits)) or "none"
+        out.print(f"  [dim]no quotes; retrieved from: {sources}[/]", soft_wrap=True)
+    out.print(
+        f"  [dim]{answer.model} + {answer.adapter or 'no adapter'}, "
+        f"{answer.timings.get('total_ms', 0) / 1000:.1f} s[/]"
+    )
+
+
+@app.command()
 def serve(
     ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,

@@ -13,11 +13,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -149,6 +151,28 @@ def make_lora_adapter(folder: Path, model_path: str, seed: int = 0) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def serve_in_thread(app: object, port: int) -> Iterator[str]:
+    """Run ``app`` with uvicorn on 127.0.0.1:``port`` in a thread; yields its URL."""
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")  # type: ignore[arg-type]
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 @dataclass
 class LiveServer:
     url: str
@@ -190,8 +214,6 @@ def hf_serving_engine():
 
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory, handbook_settings, embedder, hf_serving_engine):
-    import uvicorn
-
     from docent.models import generator_path
     from raft.adapters import AdapterRegistry
     from serving.app import create_app
@@ -217,17 +239,5 @@ def live_server(tmp_path_factory, handbook_settings, embedder, hf_serving_engine
         max_upload_mb=1,
     )
     app = create_app(settings, engine=hf_serving_engine, embedder=embedder)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.1)
-    yield LiveServer(url, settings, app, corpus)
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(app, port) as url:
+        yield LiveServer(url, settings, app, corpus)

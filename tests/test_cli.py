@@ -49,10 +49,26 @@ def test_ingest_then_search_as_json(tmp_path):
     assert table.exit_code == 0 and "toaster.md" in table.stdout
 
 
+def test_ask_answers_from_the_index_with_the_local_model(tmp_path):
+    corpus = write_corpus(tmp_path / "docs", DOCS)
+    ws = str(tmp_path / "ws")
+    assert _run("--workspace", ws, "ingest", str(corpus)).exit_code == 0
+    args = ("--workspace", ws, "ask", "How long is the kettle warranty?", "--engine", "hf")
+    result = _run(*args, "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert answer["sources"][0] == "kettle.md" and answer["answer"]
+    assert answer["adapter"] is None  # nothing promoted yet
+    off_topic = _run("--workspace", ws, "ask", "Who painted the Mona Lisa?", "--engine", "hf")
+    assert off_topic.exit_code == 0 and "don't know" in off_topic.stdout
+
+
 def test_errors_are_one_clear_line_and_a_nonzero_exit(tmp_path):
     ws = str(tmp_path / "ws")
     no_index = _run("--workspace", ws, "search", "anything")
     assert no_index.exit_code == 1 and "docent ingest" in no_index.output
+    no_index_ask = _run("--workspace", ws, "ask", "anything", "--engine", "hf")
+    assert no_index_ask.exit_code == 1 and "docent ingest" in no_index_ask.output
     missing = _run("--workspace", ws, "ingest", str(tmp_path / "missing"))
     assert missing.exit_code == 1 and "no such file or folder" in missing.output
     bad = _run(

@@ -488,6 +488,11 @@ def _partial_stop(text: str, stops: Sequence[str]) -> int:
 
 def _dtype(torch: Any, dtype: str, device: str) -> Any:
     if dtype == "auto":
-        # bf16 on GPUs; fp32 on CPUs, where bf16 matmuls are slow without AMX.
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if device.startswith("cuda"):
+            return torch.bfloat16
+        # On CPUs with bf16 instructions (AVX512-BF16, AMX) bf16 weights prefilled a
+        # 700-token RAFT prompt 2.8x faster than fp32 here (0.48 vs 1.33 s); without them
+        # bf16 matmuls are emulated and slow, so fp32.
+        cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if cpu_bf16 else torch.float32
     return getattr(torch, dtype)

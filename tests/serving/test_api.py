@@ -175,6 +175,14 @@ def test_auth_scopes(live_server):
         metrics = user.get("/metrics")
         assert metrics.status_code == 200 and "docent_requests_total" in metrics.text
         assert 'route="/v1/ask"' in metrics.text  # route templates, not raw paths
+        for series in (
+            "docent_engine_queue",
+            "docent_tokens_total",
+            "docent_generation_seconds",
+            "docent_retrieval_seconds",
+            "docent_time_to_first_token_seconds",
+        ):
+            assert series in metrics.text
     with live_server.client(key=None) as c:
         r = c.post("/v1/ask", json={"question": INVITE}, headers={"X-API-Key": ADMIN_KEY})
         assert r.status_code == 200
