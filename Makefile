@@ -13,7 +13,7 @@ CORPUS ?= examples/handbook
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup browser test test-fast lint demo bench clean
+.PHONY: setup browser test test-fast lint demo serve bench clean
 
 setup: $(VENV)/.docent-installed
 
@@ -53,7 +53,8 @@ lint: setup
 	$(BIN)/ruff check docent ingest retrieval raft serving eval tests bench
 	$(BIN)/mypy
 
-# Docent's main job on the embedded defaults: ingest the handbook, search it, build a RAFT set.
+# Docent's main job on the embedded defaults: ingest the handbook, search it, build a RAFT set,
+# answer a question with retrieval (what `docent serve` does per request).
 demo: setup
 	$(BIN)/docent --workspace $(WORKSPACE) models --prepare
 	$(BIN)/docent --workspace $(WORKSPACE) ingest $(CORPUS)
@@ -61,12 +62,18 @@ demo: setup
 	$(BIN)/docent --workspace $(WORKSPACE) search "What does error QF-4127 mean?" -k 3 --fusion dbsf
 	$(BIN)/docent --workspace $(WORKSPACE) raft build --limit 32 --qa-file $(CORPUS)/qa.jsonl
 	$(BIN)/docent --workspace $(WORKSPACE) raft show -n 1
+	$(BIN)/docent --workspace $(WORKSPACE) ask "How long is an invitation link to join a workspace valid?"
+
+# The API and web chat page on http://127.0.0.1:8000 (after `make demo`).
+serve: setup
+	$(BIN)/docent --workspace $(WORKSPACE) serve
 
 bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/search.py
 	$(BIN)/python bench/raft_build.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/serve.py
 
 clean:
 	rm -rf $(WORKSPACE) .pytest_cache

@@ -47,6 +47,9 @@ def main(
     # Offline by design: nothing may be fetched from a model hub at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # vLLM logs each load step (and a warning per upcast weight); its workers read this at
+    # import. -v shows everything.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if verbose else "ERROR")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -560,9 +563,10 @@ def serve(
         llm_model=llm_model,
         serve_adapter=adapter,
     )
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # A server logs what it loads and serves (the CLI's default is warnings only).
+    for name in ("docent", "serving"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     try:
         run_server(settings)
     except DocentError as exc:
