@@ -34,20 +34,12 @@ def build_engine(
         return OpenAIEngine(settings.llm_url, settings.llm_model, key, settings.llm_concurrency)
     path = generator_path(settings.generator, settings.cache_dir)
     name = generator_name(settings.generator)
-    if kind == "vllm" and serving:
-        from docent.engine.vllm_async import AsyncVLLMEngine
-
-        return AsyncVLLMEngine(
-            path,
-            max_model_len=settings.max_model_len,
-            kv_cache_gib=settings.vllm_kv_cache_gib,
-            model_name=name,
-            dtype=settings.dtype,
-        )
     if kind == "vllm":
+        from docent.engine.vllm_async import AsyncVLLMEngine
         from docent.engine.vllm_engine import VLLMEngine
 
-        return VLLMEngine(
+        vllm_cls = AsyncVLLMEngine if serving else VLLMEngine
+        return vllm_cls(
             path,
             max_model_len=settings.max_model_len,
             kv_cache_gib=settings.vllm_kv_cache_gib,

