@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,6 +59,11 @@ class Retriever:
         self.settings = settings
         self.index_dir = Workspace(settings.workspace).index_dir
         self.store = KnowledgeStore.open(self.index_dir)
+        # Queries in flight per store, and stores replaced by reload() that still have some:
+        # a replaced store is closed when its last query ends, never under one.
+        self._lock = threading.Lock()
+        self._users: dict[int, int] = {}
+        self._retired: dict[int, KnowledgeStore] = {}
         self.embedder = embedder or Embedder.from_settings(settings)
         # FAISS's thread count is left alone on purpose: faiss and torch share one OpenMP
         # runtime, so faiss.omp_set_num_threads(1) also halved torch (embedding, training).
@@ -87,10 +95,33 @@ class Retriever:
         if fresh.folder == self.store.folder:
             fresh.close()
             return False
-        old, self.store = self.store, fresh  # one assignment: readers see old or new, never mixed
+        with self._lock:
+            old, self.store = self.store, fresh  # readers see old or new, never a mix
+            in_use = self._users.get(id(old), 0) > 0
+            if in_use:
+                self._retired[id(old)] = old
         self._check_embedder()
-        old.close()
+        if not in_use:
+            old.close()
         return True
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[KnowledgeStore]:
+        """The current store, kept open for the duration of one query."""
+        with self._lock:
+            store = self.store
+            self._users[id(store)] = self._users.get(id(store), 0) + 1
+        try:
+            yield store
+        finally:
+            with self._lock:
+                self._users[id(store)] -= 1
+                done = self._users[id(store)] == 0
+                if done:
+                    del self._users[id(store)]
+                retired = self._retired.pop(id(store), None) if done else None
+            if retired is not None:
+                retired.close()
 
     def search(
         self,
@@ -100,7 +131,20 @@ class Retriever:
         filters: Filters | None = None,
         rerank: bool | None = None,
     ) -> list[Hit]:
-        """The ``k`` best chunks for ``query``, best first."""
+        """The ``k`` best chunks for ``query``, best first. A query started before a
+        ``reload()`` finishes on the version it started with."""
+        with self._using() as store:
+            return self._search(store, query, k, mode, filters, rerank)
+
+    def _search(
+        self,
+        store: KnowledgeStore,
+        query: str,
+        k: int | None,
+        mode: SearchMode | None,
+        filters: Filters | None,
+        rerank: bool | None,
+    ) -> list[Hit]:
         query = query.strip()
         if not query:
             raise ConfigError("the query is empty: ask a question")
@@ -110,7 +154,6 @@ class Retriever:
         mode = mode or self.settings.search_mode
         if mode not in MODES:
             raise ConfigError(f"unknown search mode {mode!r}: use one of {', '.join(MODES)}")
-        store = self.store  # a refresh may swap self.store; this query keeps its version
         flt = filters or Filters()
         allowed = store.cached(flt, lambda: flt.allowed_ids(store.docstore))
         if allowed is not None and len(allowed) == 0:

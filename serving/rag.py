@@ -139,9 +139,7 @@ class RagService:
         return Retrieved(hits, max(dense) if dense else None, ms)
 
     def relevant(self, retrieved: Retrieved) -> bool:
-        if not retrieved.hits:
-            return False
-        return retrieved.relevance is None or retrieved.relevance >= self.settings.min_relevance
+        return is_relevant(retrieved.hits, self.settings.min_relevance)
 
     # Generation ----------------------------------------------------------------------------
     async def stream(
@@ -243,6 +241,15 @@ class RagService:
             completion_tokens=completion.completion_tokens,
             timings=timings,
         )
+
+
+def is_relevant(hits: Sequence[Hit], min_relevance: float) -> bool:
+    """Whether retrieval found anything worth answering from: the best dense cosine among the
+    hits reaches ``min_relevance`` (hits without a dense score, bm25-only mode, always do)."""
+    if not hits:
+        return False
+    dense = [h.scores["dense"] for h in hits if "dense" in h.scores]
+    return not dense or max(dense) >= min_relevance
 
 
 def cite(quotes: Sequence[str], hits: Sequence[Hit]) -> tuple[list[Citation], list[str]]:

@@ -106,6 +106,27 @@ def test_collections_keep_tenants_apart(tmp_path, embedder):
     retriever.close()
 
 
+def test_a_query_in_flight_keeps_its_version_across_a_reload(tmp_path, embedder):
+    """Found by the serving test with 20 questions during a refresh: reload() closed the old
+    store under a query still reading it."""
+    from ingest.pipeline import refresh_index
+
+    settings = DocentSettings(workspace=tmp_path / "ws")
+    docs = write_corpus(tmp_path / "docs", {"a.md": "# A\n\nThe vault code is 4471."})
+    refresh_index([docs], settings, embedder=embedder)
+    retriever = Retriever(settings, embedder=embedder)
+    with retriever._using() as store:  # a query holds the old version...
+        write_corpus(docs, {"b.md": "# B\n\nThe gate code is 9902."})
+        refresh_index([docs], settings, embedder=embedder)
+        assert retriever.reload()  # ...while the retriever switches to the new one
+        assert len(list(store.docstore.iter_chunks())) == 1  # still open for that query
+        assert retriever.store is not store
+    assert retriever.search("gate code", k=1)[0].source == "b.md"
+    with pytest.raises(Exception, match="closed"):  # closed once its last query ended
+        list(store.docstore.iter_chunks())
+    retriever.close()
+
+
 def _rank_of_code(retriever: Retriever, code: str) -> int | None:
     hits = retriever.search(f"What does error {code} mean?", k=5)
     return next((n for n, h in enumerate(hits, start=1) if code in h.text), None)
