@@ -479,6 +479,66 @@ def models(
         out.print(f"[bold]{role}[/] ({setting}): {path}", soft_wrap=True)
 
 
+@app.command("eval")
+def evaluate(
+    ctx: typer.Context,
+    qa: Annotated[
+        Path | None,
+        typer.Option(help="Questions JSONL (default: the --qa-file of the latest RAFT set)."),
+    ] = None,
+    systems: Annotated[str, typer.Option(help="Comma-separated.")] = "base,base+rag,raft,raft+rag",
+    adapter: Annotated[str | None, typer.Option(help="Adapter (default: promoted).")] = None,
+    k: Annotated[int | None, typer.Option("-k", "--k", help="Chunks per question.")] = None,
+    split: Annotated[str, typer.Option(help="Answerable questions of this split; 'all'.")] = "test",
+    distractors_sweep: Annotated[
+        bool, typer.Option("--distractors-sweep", help="Accuracy vs distractor count.")
+    ] = False,
+    forgetting: Annotated[bool, typer.Option(help="General-knowledge probe.")] = True,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 160,
+    engine: Annotated[str | None, typer.Option(help="auto, vllm, hf or openai.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Base vs base+RAG vs RAFT vs RAFT+RAG on the same questions; a report with plots."""
+    from docent.workspace import Workspace
+    from eval.report import headline, table, write_report
+    from eval.runner import run_eval
+    from raft.adapters import AdapterRegistry
+    from raft.build import latest_manifest
+
+    settings = _settings(ctx, engine=engine)
+    workspace = Workspace(settings.workspace)
+    if qa is None:
+        latest = latest_manifest(workspace.raft_dir) or {}
+        if not latest.get("qa_file"):
+            _fail("no questions: pass --qa FILE (JSONL with question, answer, source, split)")
+        qa = Path(latest["qa_file"])
+    result = _run_stage(
+        run_eval,
+        settings,
+        qa,
+        systems=[s.strip() for s in systems.split(",") if s.strip()],
+        adapter=adapter,
+        k=k,
+        split=None if split == "all" else split,
+        sweep=distractors_sweep,
+        forgetting=forgetting,
+        max_tokens=max_tokens,
+    )
+    folder = write_report(result, workspace.reports_dir)
+    if result.adapter:
+        AdapterRegistry(workspace.adapters_dir).update_metadata(
+            result.adapter,
+            eval={"report": str(folder), "systems": result.systems, "retrieval": result.retrieval},
+        )
+    if as_json:
+        out.print_json(json.dumps({"report": str(folder), **result.as_dict(), "predictions": []}))
+        return
+    out.print(table(result))
+    for line in headline(result):
+        out.print(f"[bold]{line}[/]")
+    out.print(f"report: {folder / 'report.html'}")
+
+
 @app.command()
 def ask(
     ctx: typer.Context,

@@ -440,7 +440,7 @@ def _human_items(
             splits[source] = "test"
         if split != "train" or not row.get("answerable", True):
             continue  # only train questions may be trained on
-        oracle, sentence = _locate(row, by_source.get(source or "", []))
+        oracle, sentence = locate_evidence(row, by_source.get(source or "", []))
         if oracle is None or sentence is None:
             rejected["human_evidence_not_indexed"] += 1
             continue
@@ -460,7 +460,7 @@ def _human_items(
     return items, splits, rejected
 
 
-def _locate(
+def locate_evidence(
     row: dict[str, Any], candidates: list[StoredChunk]
 ) -> tuple[StoredChunk | None, str | None]:
     evidence = squash(str(row.get("evidence") or "")).lower()

@@ -1,0 +1,119 @@
+"""Eval: metric functions on hand-made cases, and a small end-to-end run that writes the
+report (real index, real embedder, real SmolLM2 on the transformers engine)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eval import metrics as m
+
+from conftest import HANDBOOK
+
+
+@pytest.mark.parametrize(
+    ("pred", "golds", "em", "contained"),
+    [
+        ("72 hours", ["72 hours"], 1.0, 1.0),
+        ("The link lasts 72 hours.", ["72 hours", "3 days"], 0.0, 1.0),
+        ("three days", ["72 hours", "3 days", "three days"], 1.0, 1.0),
+        ("720 hours", ["72 hours"], 0.0, 0.0),  # word bounds: 72 is not in 720
+        ("7", ["72"], 0.0, 0.0),
+        ("", ["72 hours"], 0.0, 0.0),  # an empty answer is never right
+        ("anything", [""], 0.0, 0.0),  # nor is an empty gold
+        ("The Café", ["cafe"], 1.0, 1.0),  # accents, articles and case folded
+        ("ＱＦ-４１２７", ["QF-4127"], 1.0, 1.0),  # full-width forms (NFKD)
+        ("“Commonplace”", ["Commonplace"], 1.0, 1.0),
+    ],
+)
+def test_answer_matching(pred, golds, em, contained):
+    assert m.exact_match(pred, golds) == em
+    assert m.gold_contained(pred, golds) == contained
+
+
+def test_token_f1_takes_the_best_gold():
+    assert m.token_f1("up to 25 people", ["25", "25 people"]) == pytest.approx(2 / 3)
+    assert m.token_f1("", ["25"]) == 0.0
+    assert m.token_f1("nothing shared", ["25"]) == 0.0
+
+
+def test_retrieval_ranks():
+    ranked = ["b.md", "a.md", "a.md", "c.md"]
+    assert m.first_relevant_rank(ranked, "a.md") == 2
+    assert m.recall_at(ranked, "a.md", 1) == 0.0 and m.recall_at(ranked, "a.md", 2) == 1.0
+    assert m.reciprocal_rank(ranked, "a.md") == 0.5
+    assert m.reciprocal_rank(ranked, "z.md") == 0.0
+    assert m.ndcg_at(["a.md", "a.md", "b.md"], "a.md") == pytest.approx(1.0)
+    assert 0 < m.ndcg_at(ranked, "a.md") < 1
+    assert m.ndcg_at(ranked, "z.md") == 0.0
+
+
+def test_quotes_are_grounded_only_when_verbatim():
+    chunks = ["Links are valid for 72 hours,\nafter which they expire."]
+    assert m.quote_found("valid for 72 hours, after which", chunks)
+    assert not m.quote_found("valid for 3 days", chunks)
+    assert not m.quote_found("  ", chunks)
+
+
+def test_questions_file_errors_are_clear(tmp_path):
+    from docent.errors import ConfigError
+    from eval.runner import load_questions
+
+    bad = tmp_path / "qa.jsonl"
+    bad.write_text('{"question": "no answer"}\n')
+    with pytest.raises(ConfigError, match="qa.jsonl:1"):
+        load_questions(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_questions(tmp_path / "missing.jsonl")
+    rows = load_questions(HANDBOOK / "qa.jsonl")
+    assert sum(q.answerable for q in rows) == 40 and sum(not q.answerable for q in rows) == 10
+
+
+@pytest.mark.slow
+def test_small_eval_run_writes_the_report(tmp_path, handbook_settings, embedder, hf_serving_engine):
+    from eval.report import write_report
+    from eval.runner import run_eval
+
+    qa = tmp_path / "qa.jsonl"
+    rows = [json.loads(line) for line in (HANDBOOK / "qa.jsonl").read_text().splitlines()]
+    picked = [r for r in rows if r["split"] == "test"][:4] + [
+        r for r in rows if not r["answerable"]
+    ][:2]
+    qa.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    result = run_eval(
+        handbook_settings,
+        qa,
+        systems=["base", "base+rag"],
+        sweep=True,
+        max_tokens=24,
+        engine=hf_serving_engine,
+        embedder=embedder,
+    )
+    assert result.answerable == 4 and result.unanswerable == 2
+    assert set(result.systems) == {"base", "base+rag"}
+    assert result.retrieval["recall@5"] == 1.0  # handbook retrieval finds every gold source
+    for scores in result.systems.values():
+        assert 0.0 <= scores["accuracy"] <= scores["answer_rate"] <= 1.0
+    assert set(result.sweep["base+rag"]) == {"0", "1", "2", "4", "8"}
+    assert result.forgetting["probes"] == 30 and "raft" not in result.forgetting
+    assert len(result.predictions) == 12
+
+    folder = write_report(result, tmp_path / "reports")
+    data = json.loads((folder / "eval.json").read_text())
+    assert set(data) >= {"systems", "retrieval", "sweep", "forgetting", "predictions", "settings"}
+    md = (folder / "report.md").read_text()
+    assert "| base+rag |" in md and "Distractor sweep" in md
+    assert (folder / "systems.png").stat().st_size > 1000
+    assert (folder / "sweep.png").exists()
+    assert "<table>" in (folder / "report.html").read_text()
+
+
+def test_raft_systems_without_an_adapter_say_what_to_do(handbook_settings):
+    from docent.errors import ConfigError
+    from eval.runner import run_eval
+
+    with pytest.raises(ConfigError, match="docent train"):
+        run_eval(handbook_settings, HANDBOOK / "qa.jsonl", systems=["raft+rag"])
+    with pytest.raises(ConfigError, match="unknown system"):
+        run_eval(handbook_settings, HANDBOOK / "qa.jsonl", systems=["gpt"])
