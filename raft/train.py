@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from docent.errors import ConfigError
+from docent.hardware import cpu_has_bf16
 from docent.models import generator_id, generator_path
 from docent.progress import Progress, no_progress
 from docent.settings import DocentSettings
@@ -71,8 +72,7 @@ def _device_plan(settings: DocentSettings) -> tuple[bool, bool]:
         return cuda, bool(torch.cuda.is_bf16_supported())
     # CPUs with bf16 instructions (AVX512-BF16, AMX) train ~1.6x faster under bf16 autocast
     # (bench/train.py); the weights stay fp32 there, only matmuls run in bf16.
-    cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return cuda, bool(cpu_bf16)
+    return cuda, cpu_has_bf16()
 
 
 def _load_base(path: str, settings: DocentSettings, cuda: bool, bf16: bool) -> Any:

@@ -36,6 +36,7 @@ from docent.engine.base import (
     Progress,
     StreamDelta,
 )
+from docent.hardware import cpu_has_bf16
 
 log = logging.getLogger(__name__)
 REPLACEMENT = "\ufffd"  # what decode() shows for the first bytes of a multi-byte character
@@ -493,6 +494,5 @@ def _dtype(torch: Any, dtype: str, device: str) -> Any:
         # On CPUs with bf16 instructions (AVX512-BF16, AMX) bf16 weights prefilled a
         # 700-token RAFT prompt 2.8x faster than fp32 here (0.48 vs 1.33 s); without them
         # bf16 matmuls are emulated and slow, so fp32.
-        cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return torch.bfloat16 if cpu_bf16 else torch.float32
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
     return getattr(torch, dtype)

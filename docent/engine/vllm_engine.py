@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from docent.engine.base import ChatRequest, Completion, Engine, EngineUnavailableError, Progress
+from docent.hardware import cpu_has_bf16
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,26 @@ def engine_options(
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     return {
         "model": model_path,
-        "dtype": dtype,
+        "dtype": _resolve_dtype(dtype),
         "max_model_len": max_model_len,
         "enable_lora": enable_lora,
         "max_lora_rank": max_lora_rank,
         "max_loras": MAX_LORAS,
         "seed": 0,
     }
+
+
+def _resolve_dtype(dtype: str) -> str:
+    """vLLM's ``auto`` takes the checkpoint's bf16 even on CPUs without bf16 instructions,
+    where oneDNN refuses bf16 linears and vLLM falls back to emulated ones: 24 RAFT prompts
+    had not finished in 2.5 minutes on such a CPU (AMD EPYC, AVX2). fp32 there."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if torch.cuda.is_available() or cpu_has_bf16():
+        return dtype
+    return "float32"
 
 
 class VLLMEngine(Engine):
