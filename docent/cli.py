@@ -490,6 +490,9 @@ def evaluate(
     adapter: Annotated[str | None, typer.Option(help="Adapter (default: promoted).")] = None,
     k: Annotated[int | None, typer.Option("-k", "--k", help="Chunks per question.")] = None,
     split: Annotated[str, typer.Option(help="Answerable questions of this split; 'all'.")] = "test",
+    limit: Annotated[
+        int | None, typer.Option(help="First N answerable questions (and N/4 unanswerable).")
+    ] = None,
     distractors_sweep: Annotated[
         bool, typer.Option("--distractors-sweep", help="Accuracy vs distractor count.")
     ] = False,
@@ -520,6 +523,7 @@ def evaluate(
         adapter=adapter,
         k=k,
         split=None if split == "all" else split,
+        limit=limit,
         sweep=distractors_sweep,
         forgetting=forgetting,
         max_tokens=max_tokens,

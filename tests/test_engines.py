@@ -55,12 +55,17 @@ def test_hf_stop_strings_and_length_limit(hf_engine):
     assert "5" not in stopped.text
 
 
-def test_auto_engine_prefers_a_url_then_vllm():
-    from docent.engine import resolve_engine_kind
+def test_auto_engine_prefers_a_url_then_vllm_where_it_runs_fast(monkeypatch):
+    from docent.engine import factory, resolve_engine_kind
 
     assert resolve_engine_kind(DocentSettings(llm_url="http://127.0.0.1:1/v1")) == "openai"
     assert resolve_engine_kind(DocentSettings(engine="hf")) == "hf"
-    assert resolve_engine_kind(DocentSettings()) == "vllm"  # installed by make setup
+    # vLLM is installed by make setup; auto takes it on CUDA and AVX512 CPUs only.
+    monkeypatch.setattr(factory, "vllm_runs_fast", lambda: True)
+    assert resolve_engine_kind(DocentSettings()) == "vllm"
+    monkeypatch.setattr(factory, "vllm_runs_fast", lambda: False)
+    assert resolve_engine_kind(DocentSettings()) == "hf"
+    assert resolve_engine_kind(DocentSettings(engine="vllm")) == "vllm"  # asked for: honoured
 
 
 VLLM_SCRIPT = """

@@ -68,6 +68,11 @@ def test_questions_file_errors_are_clear(tmp_path):
         load_questions(tmp_path / "missing.jsonl")
     rows = load_questions(HANDBOOK / "qa.jsonl")
     assert sum(q.answerable for q in rows) == 40 and sum(not q.answerable for q in rows) == 10
+    few = load_questions(HANDBOOK / "qa.jsonl", limit=8)
+    assert sum(q.answerable for q in few) == 8 and sum(not q.answerable for q in few) == 2
+    assert [q.id for q in few if q.answerable] == [q.id for q in rows if q.answerable][:8]
+    with pytest.raises(ConfigError, match="--limit"):
+        load_questions(HANDBOOK / "qa.jsonl", limit=0)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 from docent.engine.base import Engine, EngineUnavailableError
+from docent.hardware import vllm_runs_fast
 from docent.models import generator_name, generator_path
 from docent.settings import DocentSettings
 
@@ -14,7 +15,9 @@ def resolve_engine_kind(settings: DocentSettings) -> str:
         return settings.engine
     if settings.llm_url:
         return "openai"
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    if importlib.util.find_spec("vllm") is None:
+        return "hf"
+    return "vllm" if vllm_runs_fast() else "hf"
 
 
 def build_engine(
