@@ -127,9 +127,9 @@ def load_questions(
     if limit is not None:
         if limit < 1:
             raise ConfigError(f"--limit must be at least 1, not {limit}")
-        answerable = [q for q in out if q.answerable][:limit]
-        unanswerable = [q for q in out if not q.answerable][: max(1, limit // 4)]
-        keep = {id(q) for q in answerable + unanswerable}
+        kept = [q for q in out if q.answerable][:limit]
+        kept += [q for q in out if not q.answerable][: max(1, limit // 4)]
+        keep = {id(q) for q in kept}
         out = [q for q in out if id(q) in keep]
     return out
 
