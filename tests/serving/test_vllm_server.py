@@ -1,4 +1,5 @@
-"""`docent serve` as users start it: a subprocess on the default engine (vLLM where it runs),
+"""`docent serve` as users start it: a subprocess on the vLLM engine (auto's choice on CUDA and
+AVX512 CPUs; forced here so AVX2 machines test it too),
 with the promoted LoRA adapter served by LoRARequest. Its greedy answers match the
 transformers engine's for the same prompt, up to numerics (vLLM-CPU runs bf16 kernels)."""
 
@@ -38,6 +39,7 @@ def vllm_server(tmp_path_factory, handbook_settings):
     env = {
         **os.environ,
         "DOCENT_ANSWER_MAX_TOKENS": "32",
+        "DOCENT_ENGINE": "vllm",
         # Both engines in fp32 for the comparison: bf16 kernels differ between vLLM-CPU and
         # torch, and greedy text drifts apart after a few words on a 700-token prompt.
         "DOCENT_DTYPE": "float32",
