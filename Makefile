@@ -56,7 +56,8 @@ lint: setup
 # Docent's main job on the embedded defaults, the whole loop on the handbook: ingest, search, build
 # a RAFT set, a short LoRA training, the four-system eval on the held-out questions (table printed,
 # report in $(WORKSPACE)/reports), and one answer with retrieval as `docent serve` gives it.
-# Sized for a 2-core CPU; DEMO_STEPS=40 DEMO_QUESTIONS=40 is the full comparison (about an hour).
+# Sized for a 2-core CPU; DEMO_STEPS=40 DEMO_QUESTIONS=40 is the full comparison, which takes well
+# over an hour there (20 steps alone took 24 min on an AVX2 CPU).
 DEMO_STEPS ?= 6
 DEMO_QUESTIONS ?= 12
 demo: setup

