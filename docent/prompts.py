@@ -41,15 +41,41 @@ class ContextDoc(Protocol):
     def source(self) -> str: ...
 
 
+# Text that would let a document (or a user) step out of its place in the prompt: chat-template
+# control tokens (<|im_start|>, <|endoftext|>, [INST], <s>...) that the tokenizer turns into real
+# special tokens, our DOCUMENT delimiters, and the answer markers the parser looks for.
+_CONTROL_RE = re.compile(
+    r"<(\|[^|<>\s]{1,40}\|)>|<(/?DOCUMENT\b)|<(/?s)>|\[(/?INST)\]|<(ANSWER>:)|##(begin_quote|end_quote)##",
+    re.IGNORECASE,
+)
+
+
+def neutralise(text: str) -> str:
+    """Break control sequences so they stay plain text: '<' becomes '‹' and '[' or '##'
+    become look-alikes. Ordinary text is unchanged."""
+
+    def fix(m: re.Match[str]) -> str:
+        whole = m.group(0)
+        if whole.startswith("##"):
+            return "#\u200b#" + whole[2:-2] + "#\u200b#"
+        if whole.startswith("["):
+            return "\u27e6" + whole[1:-1] + "\u27e7"
+        return "\u2039" + whole[1:]
+
+    return _CONTROL_RE.sub(fix, text)
+
+
 def format_documents(docs: Sequence[ContextDoc]) -> str:
     parts = []
     for n, doc in enumerate(docs, start=1):
-        parts.append(f'<DOCUMENT id="{n}" source="{doc.source}">\n{doc.text.strip()}\n</DOCUMENT>')
+        source = neutralise(doc.source).replace('"', "'")
+        body = neutralise(doc.text.strip())
+        parts.append(f'<DOCUMENT id="{n}" source="{source}">\n{body}\n</DOCUMENT>')
     return "\n".join(parts)
 
 
 def user_message(question: str, docs: Sequence[ContextDoc]) -> str:
-    return f"{format_documents(docs)}\n\nQuestion: {question.strip()}"
+    return f"{format_documents(docs)}\n\nQuestion: {neutralise(question.strip())}"
 
 
 # Chat modes add to the trained system prompt; plain questions (and training) use it as is.
@@ -88,7 +114,7 @@ def build_messages(
     ``history`` holds earlier turns as plain user/assistant messages, without documents."""
     return [
         {"role": "system", "content": system_prompt(mode, extra_instructions)},
-        *history,
+        *({"role": m["role"], "content": neutralise(m["content"])} for m in history),
         {"role": "user", "content": user_message(question, docs)},
     ]
 

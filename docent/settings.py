@@ -150,6 +150,29 @@ class DocentSettings(BaseSettings):
     max_k: int = Field(default=20, ge=1, le=200)
     max_body_kb: int = Field(default=256, ge=1, description="JSON request body limit.")
     max_upload_mb: float = Field(default=50.0, gt=0, description="Upload limit per request.")
+    refresh_roots: list[Path] | None = Field(
+        default=None,
+        description="Folders POST /v1/index/refresh may read server files from (JSON list in "
+        "DOCENT_REFRESH_ROOTS); default: the folder `docent serve` started in.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Web origins allowed to call the API from a browser (JSON list in "
+        "DOCENT_CORS_ORIGINS); default none: cross-site pages cannot call it.",
+    )
+    max_active_answers: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Answers generated at once; default: the engine's batch (transformers: "
+        "gen_batch_size, remote: llm_concurrency, vLLM: 64).",
+    )
+    max_queued_answers: int = Field(
+        default=64, ge=0, le=100_000, description="Answers waiting for a slot; more get 429."
+    )
+    queue_timeout_s: float = Field(
+        default=60.0, gt=0, description="An answer waiting longer than this gets 503."
+    )
     chat_history_turns: int = Field(
         default=6, ge=0, le=100, description="Past messages a chat turn sends to the model."
     )

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
@@ -28,6 +29,7 @@ from docent.settings import DocentSettings
 from ingest.embedder import Embedder
 from raft.adapters import AdapterError
 from serving import openai_api, routes_admin, routes_answer
+from serving.admission import OverloadedError
 from serving.auth import KeyRing, require_user
 from serving.metrics import Metrics
 from serving.middleware import BodyLimit, RequestMetrics
@@ -51,6 +53,7 @@ PAGE_HEADERS = {
 
 # Most specific first: NotFoundError is a ConfigError.
 ERROR_STATUS: list[tuple[type[DocentError], int]] = [
+    (OverloadedError, 429),
     (NotFoundError, 404),
     (AdapterError, 404),
     (EmptyIndexError, 503),
@@ -62,8 +65,22 @@ ERROR_STATUS: list[tuple[type[DocentError], int]] = [
 ]
 
 
+ENGINE_RETRY_AFTER_S = 5  # a restarting engine or remote LLM is usually back within seconds
+
+
 def status_for(exc: DocentError) -> int:
+    if isinstance(exc, OverloadedError):
+        return exc.status
     return next(code for cls, code in ERROR_STATUS if isinstance(exc, cls))
+
+
+def retry_after_for(exc: DocentError) -> int | None:
+    """Seconds a client should wait before trying again, for errors that pass by themselves."""
+    if isinstance(exc, OverloadedError):
+        return exc.retry_after
+    if isinstance(exc, EngineUnavailableError | EmptyIndexError):
+        return ENGINE_RETRY_AFTER_S
+    return None
 
 
 def create_app(
@@ -105,10 +122,22 @@ def create_app(
         BodyLimit, limit_for=lambda path: upload_limit if path == UPLOAD_PATH else json_limit
     )
     app.add_middleware(RequestMetrics, metrics=metrics)
+    if settings.cors_origins:
+        # Closed unless configured: without these headers browsers refuse cross-site calls,
+        # so another site's page cannot spend a logged-in user's key.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            expose_headers=["Retry-After"],
+        )
 
     @app.exception_handler(DocentError)
     async def docent_error(request: Request, exc: DocentError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status_for(exc))
+        retry = retry_after_for(exc)
+        headers = {"Retry-After": str(retry)} if retry is not None else None
+        return JSONResponse({"detail": str(exc)}, status_code=status_for(exc), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -125,9 +154,13 @@ def create_app(
         return JSONResponse({"detail": "internal error: see the server log"}, status_code=500)
 
     @app.get("/healthz", tags=["ops"])
-    async def healthz() -> dict[str, str]:
-        """Liveness: the process serves HTTP."""
-        return {"status": "ok"}
+    async def healthz(request: Request) -> JSONResponse:
+        """Liveness: the process serves HTTP and its engine can still answer. 503 when the
+        in-process engine died, so a supervisor (systemd, Kubernetes) restarts the server."""
+        dead = request.app.state.docent.engine.health()
+        if dead:
+            return JSONResponse({"status": "dead", "detail": dead}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz", tags=["ops"])
     async def readyz(request: Request) -> JSONResponse:

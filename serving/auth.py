@@ -1,8 +1,15 @@
-"""API keys: ``DOCENT_API_KEYS="key1,key2:admin"``. With no keys set the API is open, which
-is only sensible on 127.0.0.1 (``docent serve`` warns otherwise)."""
+"""API keys: ``DOCENT_API_KEYS="key1,key2:admin,key3:user:acme+globex"``: a key, its scope
+(``user`` by default, or ``admin``) and optionally the collections it may read and refresh,
+joined by ``+``. A key limited to collections never retrieves another collection's chunks and
+sees only its own chat sessions and answers. With no keys set the API is open, which is only
+sensible on 127.0.0.1 (``docent serve`` warns otherwise).
+
+Keys are compared in constant time and never logged: logs and stored rows carry a key's
+fingerprint (a hash prefix) instead."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from dataclasses import dataclass
 
@@ -15,24 +22,69 @@ SCOPES = ("user", "admin")
 
 @dataclass(frozen=True)
 class Principal:
-    key_id: str  # the key's first characters, for logs; never the key itself
+    key_id: str  # a fingerprint of the key, for logs and ownership; never the key itself
     admin: bool
+    collections: frozenset[str] | None = None  # None: every collection
+
+    @property
+    def unrestricted(self) -> bool:
+        return self.collections is None
+
+    def may_read(self, collection: str) -> bool:
+        return self.collections is None or collection in self.collections
+
+    @property
+    def sees_all(self) -> bool:
+        """Reads every session and answer: an admin key not limited to collections."""
+        return self.admin and self.collections is None
+
+    def owner_check(self) -> str | None:
+        """The owner stored rows must have for this key to read them; None: any."""
+        return None if self.sees_all else self.key_id
+
+    def readable(self, asked: list[str] | str | None) -> list[str] | None:
+        """The collections a request may search: what it asked for, checked against the key;
+        with nothing asked, everything the key may read (None: no limit)."""
+        wanted = [asked] if isinstance(asked, str) else list(asked or [])
+        denied = [c for c in wanted if not self.may_read(c)]
+        if denied:
+            raise HTTPException(403, f"this API key may not read collection {denied[0]!r}")
+        if wanted:
+            return wanted
+        return sorted(self.collections) if self.collections is not None else None
+
+
+OPEN = Principal("open", True)
+
+
+def fingerprint(key: str) -> str:
+    return "key_" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 class KeyRing:
     def __init__(self, spec: str | None) -> None:
-        self.keys: list[tuple[str, bool]] = []
+        self.keys: list[tuple[bytes, Principal]] = []
         for raw in (spec or "").split(","):
             entry = raw.strip()
             if not entry:
                 continue
-            key, _, scope = entry.partition(":")
+            key, _, rest = entry.partition(":")
+            scope, _, limited = rest.partition(":")
             scope = scope or "user"
             if scope not in SCOPES:
-                raise ConfigError(f"API key scope {scope!r} is unknown: use KEY or KEY:admin")
+                raise ConfigError(
+                    f"API key scope {scope!r} is unknown: use KEY, KEY:admin or "
+                    "KEY:user:COLLECTION+COLLECTION"
+                )
             if len(key) < 8:
                 raise ConfigError("API keys must be at least 8 characters long")
-            self.keys.append((key, scope == "admin"))
+            collections = None
+            if limited:
+                collections = frozenset(c.strip() for c in limited.split("+") if c.strip())
+                if not collections:
+                    raise ConfigError(f"API key {fingerprint(key)}: name at least one collection")
+            principal = Principal(fingerprint(key), scope == "admin", collections)
+            self.keys.append((key.encode(), principal))
 
     @property
     def enabled(self) -> bool:
@@ -40,10 +92,11 @@ class KeyRing:
 
     def find(self, presented: str) -> Principal | None:
         found = None
-        for key, admin in self.keys:
+        given = presented.encode()
+        for key, principal in self.keys:
             # Compare against every key in constant time: timing reveals nothing.
-            if hmac.compare_digest(key.encode(), presented.encode()):
-                found = Principal(key[:4] + "…", admin)
+            if hmac.compare_digest(key, given):
+                found = principal
         return found
 
 
@@ -57,7 +110,7 @@ def presented_key(request: Request) -> str | None:
 def authenticate(request: Request, admin: bool = False) -> Principal:
     ring: KeyRing = request.app.state.keys
     if not ring.enabled:
-        return Principal("open", True)
+        return OPEN
     key = presented_key(request)
     if not key:
         raise HTTPException(
@@ -79,3 +132,11 @@ def require_user(request: Request) -> Principal:
 
 def require_admin(request: Request) -> Principal:
     return authenticate(request, admin=True)
+
+
+def require_full_admin(request: Request) -> Principal:
+    """Admin routes that act on every collection at once (RAFT regeneration, feedback export)."""
+    principal = authenticate(request, admin=True)
+    if not principal.unrestricted:
+        raise HTTPException(403, "this needs an admin key that is not limited to collections")
+    return principal

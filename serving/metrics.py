@@ -50,6 +50,9 @@ class Metrics:
             "Generation requests waiting or running in the engine",
             registry=r,
         )
+        self.shed = Counter(
+            "docent_shed", "Answer requests turned away (429/503)", ["reason"], registry=r
+        )
         self.jobs = Counter(
             "docent_jobs", "Background jobs finished", ["kind", "state"], registry=r
         )

@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 
 from docent.errors import DocentError
 from docent.prompts import ANSWER_PREFIX
-from serving.auth import require_user
+from serving.auth import Principal, require_user
 from serving.rag import Answer
 from serving.routes_answer import check_limits, filters_of, remember, state_of
 from serving.schemas import ChatCompletionBody, DocentOptions, OAIMessage
@@ -104,7 +104,9 @@ def docent_extra(answer: Answer) -> dict[str, Any]:
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionBody, request: Request) -> Any:
+async def chat_completions(
+    body: ChatCompletionBody, request: Request, principal: Principal = Depends(require_user)
+) -> Any:
     state = state_of(request)
     options = body.docent or DocentOptions()
     question, history, system = split_conversation(body.messages)
@@ -115,7 +117,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request) -> Any:
     events = state.rag.stream(
         question,
         k=options.k,
-        filters=filters_of(options.filters),
+        filters=filters_of(options.filters, principal),
         adapter=adapter_for(body.model),
         history=history[-state.settings.chat_history_turns :]
         if state.settings.chat_history_turns
@@ -131,7 +133,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request) -> Any:
     created = int(time.time())
 
     def finish(answer: Answer) -> Answer:
-        remember(state, answer, "openai", None)
+        remember(state, answer, "openai", None, principal.key_id)
         return answer
 
     if not body.stream:

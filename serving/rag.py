@@ -27,6 +27,7 @@ from docent.settings import DocentSettings
 from retrieval import Filters, Hit, Retriever
 from retrieval.fusion import reciprocal_rank_fusion
 from serving.adapters import AdapterCatalog
+from serving.admission import Admission
 from serving.metrics import Metrics
 
 NOTHING_RELEVANT = "No document in the knowledge base is relevant to this question."
@@ -95,12 +96,19 @@ class RagService:
         engine: Engine,
         adapters: AdapterCatalog,
         metrics: Metrics,
+        admission: Admission | None = None,
     ) -> None:
         self.settings = settings
         self.retriever = retriever
         self.engine = engine
         self.adapters = adapters
         self.metrics = metrics
+        self.admission = admission or Admission(
+            default_max_active(settings, engine),
+            settings.max_queued_answers,
+            settings.queue_timeout_s,
+            metrics,
+        )
 
     # Retrieval -----------------------------------------------------------------------------
     def _retriever(self) -> Retriever:
@@ -156,6 +164,39 @@ class RagService:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        # Admission comes first, so a refused request costs no retrieval and a streamed one
+        # is refused with a status code, before its response starts.
+        async with self.admission.slot():
+            async for event in self._stream(
+                question,
+                k=k,
+                filters=filters,
+                adapter=adapter,
+                history=history,
+                mode=mode,
+                extra_instructions=extra_instructions,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+            ):
+                yield event
+
+    async def _stream(
+        self,
+        question: str,
+        *,
+        k: int | None,
+        filters: Filters | None,
+        adapter: str | None,
+        history: Sequence[dict[str, str]],
+        mode: str | None,
+        extra_instructions: str | None,
+        max_tokens: int | None,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
     ) -> AsyncIterator[StreamEvent]:
         started = time.perf_counter()
         adapter_name = self.adapters.resolve(adapter)
@@ -241,6 +282,14 @@ class RagService:
             completion_tokens=completion.completion_tokens,
             timings=timings,
         )
+
+
+def default_max_active(settings: DocentSettings, engine: Engine) -> int:
+    """Answers generated at once when ``max_active_answers`` is unset: what the engine can
+    batch. Beyond it requests only wait inside the engine, where nothing can shed them."""
+    if settings.max_active_answers is not None:
+        return settings.max_active_answers
+    return {"hf": settings.gen_batch_size, "openai": settings.llm_concurrency}.get(engine.kind, 64)
 
 
 def is_relevant(hits: Sequence[Hit], min_relevance: float) -> bool:

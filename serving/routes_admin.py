@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ from starlette.datastructures import UploadFile
 
 from docent.workspace import Workspace
 from ingest.readers import is_supported
-from serving.auth import require_admin
+from serving.auth import Principal, require_admin, require_full_admin
 from serving.schemas import JobOut, RefreshBody, RegenerateBody
 from serving.state import ServingState
 
@@ -27,36 +28,63 @@ def state_of(request: Request) -> ServingState:
 
 
 @router.post("/index/refresh", response_model=JobOut, status_code=202)
-async def refresh(request: Request) -> Any:
+async def refresh(request: Request, principal: Principal = Depends(require_admin)) -> Any:
     """Start an incremental refresh. JSON ``{"paths": [...], "collection", "rebuild"}`` reads
     files on the server; multipart ``files=...`` (+ ``collection``) uploads them. Questions
     keep being answered from the current index and switch to the new one when it is done."""
     state = state_of(request)
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        paths, collection, rebuild, params = await _save_uploads(state, request)
+        paths, collection, rebuild, params = await _save_uploads(state, request, principal)
     else:
         try:
             body = RefreshBody.model_validate_json(await request.body())
         except ValidationError as exc:
             raise HTTPException(422, f"invalid refresh body: {exc.errors()[0]['msg']}") from exc
+        collection, rebuild = body.collection, body.rebuild
+        _check_collection(collection, principal)
         paths = [Path(p).expanduser() for p in body.paths]
         missing = [str(p) for p in paths if not p.exists()]
         if missing:
             raise HTTPException(400, f"no such file or folder on the server: {', '.join(missing)}")
-        collection, rebuild = body.collection, body.rebuild
+        await asyncio.to_thread(check_readable, state, paths)
         params = body.model_dump()
-    _check_collection(collection)
     job = state.jobs.submit("index_refresh", params, state.refresh_job(paths, collection, rebuild))
     return job.as_dict()
 
 
+def allowed_roots(state: ServingState) -> list[Path]:
+    roots = state.settings.refresh_roots or [state.started_in]
+    return [r.expanduser().resolve() for r in roots]
+
+
+def check_readable(state: ServingState, paths: list[Path]) -> None:
+    """Refuse server paths outside the allowed roots (``..`` and symlinks resolved first), and
+    Docent's own workspace but its uploads: a refresh must not turn the server's files, or
+    its stored answers and training sets, into retrievable chunks."""
+    from ingest.pipeline import iter_sources
+
+    roots = allowed_roots(state)
+    workspace = Workspace(state.settings.workspace).root.resolve()
+    uploads = workspace / "uploads"
+    files = [f for _, f in iter_sources(paths)]
+    for path in [*paths, *files]:
+        real = path.resolve()
+        inside_workspace = real.is_relative_to(workspace) and not real.is_relative_to(uploads)
+        if inside_workspace or not any(real.is_relative_to(r) for r in roots):
+            raise HTTPException(
+                403,
+                f"{path}: outside the folders this server may read ({', '.join(map(str, roots))}); "
+                "an operator can allow more with DOCENT_REFRESH_ROOTS",
+            )
+
+
 async def _save_uploads(
-    state: ServingState, request: Request
+    state: ServingState, request: Request, principal: Principal
 ) -> tuple[list[Path], str, bool, dict[str, Any]]:
     form = await request.form(max_files=MAX_FILES, max_fields=20)
     collection = str(form.get("collection") or "default")
-    _check_collection(collection)
+    _check_collection(collection, principal)
     uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
     if not uploads:
         raise HTTPException(422, "no files: send them as multipart field 'files'")
@@ -83,18 +111,27 @@ async def _save_uploads(
     return [folder], collection, False, params
 
 
-def _check_collection(collection: str) -> None:
+def _check_collection(collection: str, principal: Principal) -> None:
     if not collection or not collection.replace("-", "").replace("_", "").isalnum():
         raise HTTPException(422, f"collection {collection!r}: use letters, digits, '-' or '_'")
+    if not principal.may_read(collection):
+        raise HTTPException(403, f"this API key may not refresh collection {collection!r}")
 
 
-@router.post("/raft/regenerate", response_model=JobOut, status_code=202)
+@router.post(
+    "/raft/regenerate",
+    response_model=JobOut,
+    status_code=202,
+    dependencies=[Depends(require_full_admin)],
+)
 async def regenerate(body: RegenerateBody, request: Request) -> Any:
     """Rebuild the RAFT training set from the current index (and reviewers' corrections)."""
     state = state_of(request)
     qa_file = Path(body.qa_file).expanduser() if body.qa_file else None
-    if qa_file is not None and not qa_file.exists():
-        raise HTTPException(400, f"qa_file {qa_file} does not exist on the server")
+    if qa_file is not None:
+        if not qa_file.exists():
+            raise HTTPException(400, f"qa_file {qa_file} does not exist on the server")
+        check_readable(state, [qa_file])
     job = state.jobs.submit(
         "raft_regenerate",
         body.model_dump(),
@@ -108,6 +145,6 @@ async def job(job_id: str, request: Request) -> Any:
     return state_of(request).jobs.get(job_id).as_dict()
 
 
-@router.get("/jobs")
+@router.get("/jobs", dependencies=[Depends(require_full_admin)])
 async def jobs(request: Request, limit: int = 50) -> dict[str, Any]:
     return {"jobs": [j.as_dict() for j in state_of(request).jobs.list(max(1, min(limit, 500)))]}

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from docent.errors import DocentError
 from docent.settings import DocentSettings
 from retrieval import Filters
-from serving.auth import require_admin, require_user
+from serving.auth import Principal, require_full_admin, require_user
 from serving.rag import Answer, StreamEvent
 from serving.schemas import AnswerOut, AskBody, ChatBody, FeedbackBody, FilterBody
 from serving.state import ServingState
@@ -41,10 +41,12 @@ def check_limits(settings: DocentSettings, text: str, k: int | None, what: str) 
         raise HTTPException(422, f"k={k} is over the limit of {settings.max_k} (DOCENT_MAX_K)")
 
 
-def filters_of(body: FilterBody | None) -> Filters | None:
-    if body is None:
+def filters_of(body: FilterBody | None, principal: Principal) -> Filters | None:
+    """The request's filters, with the collections narrowed to what its key may read."""
+    collections = principal.readable(body.collection if body else None)
+    if body is None and collections is None:
         return None
-    return Filters.of(body.source, body.section, body.collection)
+    return Filters.of(body.source if body else None, body.section if body else None, collections)
 
 
 def answer_out(answer: Answer, session_id: str | None = None) -> AnswerOut:
@@ -83,7 +85,9 @@ def chunk_out(hit: Any) -> dict[str, Any]:
     }
 
 
-def remember(state: ServingState, answer: Answer, kind: str, session_id: str | None) -> None:
+def remember(
+    state: ServingState, answer: Answer, kind: str, session_id: str | None, owner: str
+) -> None:
     answer.id = state.store.save_answer(
         kind=kind,
         question=answer.question,
@@ -95,6 +99,7 @@ def remember(state: ServingState, answer: Answer, kind: str, session_id: str | N
         model=answer.model,
         adapter=answer.adapter,
         session_id=session_id,
+        owner=owner,
     )
 
 
@@ -144,37 +149,41 @@ async def run_answer(
 
 
 @router.post("/ask", response_model=AnswerOut, tags=["answers"])
-async def ask(body: AskBody, request: Request) -> Any:
+async def ask(body: AskBody, request: Request, principal: Principal = Depends(require_user)) -> Any:
     """Answer one question from the knowledge base, with the reasoning and citations."""
     state = state_of(request)
     check_limits(state.settings, body.question, body.k, "question")
     events = state.rag.stream(
         body.question,
         k=body.k,
-        filters=filters_of(body.filters),
+        filters=filters_of(body.filters, principal),
         adapter=body.adapter,
         max_tokens=_max_tokens(state, body.max_tokens),
     )
 
     def finish(answer: Answer) -> AnswerOut:
-        remember(state, answer, "ask", None)
+        remember(state, answer, "ask", None, principal.key_id)
         return answer_out(answer)
 
     return await run_answer(events, body.stream, finish)
 
 
 @router.post("/chat", response_model=AnswerOut, tags=["answers"])
-async def chat(body: ChatBody, request: Request) -> Any:
+async def chat(
+    body: ChatBody, request: Request, principal: Principal = Depends(require_user)
+) -> Any:
     """One turn of a conversation. History is kept per session on the server; retrieval
-    searches with the conversation, not only the last message."""
+    searches with the conversation, not only the last message. A session belongs to the API
+    key that started it."""
     state = state_of(request)
     check_limits(state.settings, body.message, body.k, "message")
     session_id = body.session_id or state.store.new_session_id()
+    state.store.check_owner(session_id, principal.owner_check())
     history = state.store.history(session_id, state.settings.chat_history_turns)
     events = state.rag.stream(
         body.message,
         k=body.k,
-        filters=filters_of(body.filters),
+        filters=filters_of(body.filters, principal),
         adapter=body.adapter,
         history=history,
         mode=body.mode,
@@ -182,39 +191,51 @@ async def chat(body: ChatBody, request: Request) -> Any:
     )
 
     def finish(answer: Answer) -> AnswerOut:
-        remember(state, answer, f"chat:{body.mode}", session_id)
-        state.store.append_turn(session_id, body.mode, body.message, answer.answer, answer.id)
+        remember(state, answer, f"chat:{body.mode}", session_id, principal.key_id)
+        state.store.append_turn(
+            session_id, body.mode, body.message, answer.answer, answer.id, principal.key_id
+        )
         return answer_out(answer, session_id)
 
     return await run_answer(events, body.stream, finish)
 
 
 @router.get("/chat/{session_id}", tags=["answers"])
-async def chat_history(session_id: str, request: Request) -> dict[str, Any]:
-    return {"session_id": session_id, "messages": state_of(request).store.messages(session_id)}
+async def chat_history(
+    session_id: str, request: Request, principal: Principal = Depends(require_user)
+) -> dict[str, Any]:
+    store = state_of(request).store
+    store.check_owner(session_id, principal.owner_check())
+    return {"session_id": session_id, "messages": store.messages(session_id)}
 
 
 @router.delete("/chat/{session_id}", tags=["answers"])
-async def chat_forget(session_id: str, request: Request) -> dict[str, Any]:
-    return {"session_id": session_id, "deleted": state_of(request).store.delete_session(session_id)}
+async def chat_forget(
+    session_id: str, request: Request, principal: Principal = Depends(require_user)
+) -> dict[str, Any]:
+    store = state_of(request).store
+    store.check_owner(session_id, principal.owner_check())
+    return {"session_id": session_id, "deleted": store.delete_session(session_id)}
 
 
 @router.post("/feedback", tags=["feedback"])
-async def feedback(body: FeedbackBody, request: Request) -> dict[str, Any]:
+async def feedback(
+    body: FeedbackBody, request: Request, principal: Principal = Depends(require_user)
+) -> dict[str, Any]:
     """Rate an answer; a correction becomes a training question in the next RAFT set."""
     state = state_of(request)
     feedback_id = state.store.add_feedback(
-        body.answer_id, body.rating, body.correction, body.comment
+        body.answer_id, body.rating, body.correction, body.comment, principal.owner_check()
     )
     return {"id": feedback_id, "answer_id": body.answer_id, "stored": True}
 
 
-@router.get("/feedback", tags=["feedback"], dependencies=[Depends(require_admin)])
+@router.get("/feedback", tags=["feedback"], dependencies=[Depends(require_full_admin)])
 async def feedback_list(request: Request) -> dict[str, Any]:
     return {"feedback": state_of(request).store.feedback()}
 
 
-@router.get("/feedback/export", tags=["feedback"], dependencies=[Depends(require_admin)])
+@router.get("/feedback/export", tags=["feedback"], dependencies=[Depends(require_full_admin)])
 async def feedback_export(request: Request) -> StreamingResponse:
     """Corrections as JSONL in the ``--qa-file`` format: ``docent raft build --feedback F``."""
     rows = state_of(request).store.corrections_as_qa()

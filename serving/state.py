@@ -39,6 +39,7 @@ class ServingState:
     adapters: AdapterCatalog
     rag: RagService
     owns_engine: bool = True
+    started_in: Path = field(default_factory=Path.cwd)  # the default refresh root
     reload_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod

@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS feedback (
 );
 CREATE INDEX IF NOT EXISTS feedback_answer ON feedback(answer_id);
 """
+# Added after the first release: stores made before them get the columns on open. ``owner``
+# is the fingerprint of the API key that made the row ("open" without keys).
+OWNER_COLUMNS = ("answers", "sessions")
 
 
 class NotFoundError(ConfigError):
@@ -61,6 +64,10 @@ class ServingStore:
         self.conn = sqlite3.connect(str(self.path), check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.executescript(SCHEMA)
+        for table in OWNER_COLUMNS:
+            columns = {row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")}
+            if "owner" not in columns:
+                self.conn.execute(f"ALTER TABLE {table} ADD COLUMN owner TEXT")
         self.conn.commit()
 
     # Answers -------------------------------------------------------------------------------
@@ -77,11 +84,14 @@ class ServingStore:
         model: str,
         adapter: str | None,
         session_id: str | None = None,
+        owner: str | None = None,
     ) -> str:
         answer_id = f"ans_{uuid.uuid4().hex[:20]}"
         with self.lock, self.conn:
             self.conn.execute(
-                "INSERT INTO answers VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO answers (id, created, kind, session_id, question, answer, "
+                "reasoning, declined, citations, chunks, model, adapter, owner) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     answer_id,
                     time.time(),
@@ -95,23 +105,38 @@ class ServingStore:
                     json.dumps(chunks),
                     model,
                     adapter,
+                    owner,
                 ),
             )
         return answer_id
 
-    def get_answer(self, answer_id: str) -> StoredAnswer:
+    def get_answer(self, answer_id: str, owner: str | None = None) -> StoredAnswer:
+        """An answer; with ``owner``, only one that owner made (others look absent)."""
         with self.lock:
             row = self.conn.execute(
-                "SELECT id, question, answer, citations, chunks FROM answers WHERE id=?",
+                "SELECT id, question, answer, citations, chunks, owner FROM answers WHERE id=?",
                 (answer_id,),
             ).fetchone()
-        if row is None:
+        if row is None or (owner is not None and row[5] != owner):
             raise NotFoundError(f"no answer with id {answer_id!r}: use the id an answer returned")
         return StoredAnswer(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]))
 
     # Sessions ------------------------------------------------------------------------------
     def new_session_id(self) -> str:
         return f"s_{uuid.uuid4().hex[:16]}"
+
+    def check_owner(self, session_id: str, owner: str | None) -> None:
+        """A session someone else started looks like no session at all (404, not 403: its
+        existence is not revealed). ``owner`` None skips the check (an unrestricted admin)."""
+        check_session_id(session_id)
+        if owner is None:
+            return
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT owner FROM sessions WHERE id=?", (session_id,)
+            ).fetchone()
+        if row is not None and row[0] != owner:
+            raise NotFoundError(f"no chat session {session_id!r}")
 
     def history(self, session_id: str, limit: int) -> list[dict[str, str]]:
         """The last ``limit`` messages of a session, oldest first."""
@@ -138,7 +163,13 @@ class ServingStore:
         return [{"role": r, "content": c, "answer_id": a, "created": t} for r, c, a, t in rows]
 
     def append_turn(
-        self, session_id: str, mode: str, question: str, answer: str, answer_id: str
+        self,
+        session_id: str,
+        mode: str,
+        question: str,
+        answer: str,
+        answer_id: str,
+        owner: str | None = None,
     ) -> None:
         """Store a user message and its answer together, so a session never holds a question
         without its reply (a failed generation leaves the history as it was)."""
@@ -146,9 +177,9 @@ class ServingStore:
         now = time.time()
         with self.lock, self.conn:
             self.conn.execute(
-                "INSERT INTO sessions VALUES (?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
-                "mode=excluded.mode, updated=excluded.updated",
-                (session_id, mode, now, now),
+                "INSERT INTO sessions (id, mode, created, updated, owner) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(id) DO UPDATE SET mode=excluded.mode, updated=excluded.updated",
+                (session_id, mode, now, now, owner),
             )
             (seq,) = self.conn.execute(
                 "SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE session_id=?",
@@ -171,9 +202,14 @@ class ServingStore:
 
     # Feedback ------------------------------------------------------------------------------
     def add_feedback(
-        self, answer_id: str, rating: int, correction: str | None, comment: str | None
+        self,
+        answer_id: str,
+        rating: int,
+        correction: str | None,
+        comment: str | None,
+        owner: str | None = None,
     ) -> int:
-        self.get_answer(answer_id)  # 404 for an unknown answer, before anything is written
+        self.get_answer(answer_id, owner)  # 404 for an unknown answer, before anything is written
         with self.lock, self.conn:
             cur = self.conn.execute(
                 "INSERT INTO feedback (answer_id, rating, correction, comment, created) "

@@ -237,6 +237,7 @@ def live_server(tmp_path_factory, handbook_settings, embedder, hf_serving_engine
         max_question_chars=2000,
         max_body_kb=64,
         max_upload_mb=1,
+        refresh_roots=[corpus, HANDBOOK],
     )
     app = create_app(settings, engine=hf_serving_engine, embedder=embedder)
     with serve_in_thread(app, port) as url:

@@ -91,6 +91,11 @@ class Engine(ABC):
         """Requests waiting or running inside the engine (for /metrics); 0 if unknown."""
         return 0
 
+    def health(self) -> str | None:
+        """Why this engine can never answer again (it crashed or was closed), or None while
+        it can. A remote engine that is down for now is not dead: it may come back."""
+        return None
+
     def add_adapter(self, name: str, path: str) -> None:
         raise EngineUnavailableError(f"the {self.kind} engine cannot load LoRA adapters")
 

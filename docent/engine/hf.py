@@ -217,6 +217,14 @@ class HFEngine(Engine):
         with self._cond:
             return len(self._pending) + len(self._active)
 
+    def health(self) -> str | None:
+        with self._cond:
+            if self._closed:
+                return "the hf engine was closed"
+            if self._worker is not None and not self._worker.is_alive():
+                return "the hf engine's worker thread died: restart `docent serve`"
+        return None
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

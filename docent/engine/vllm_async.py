@@ -121,6 +121,13 @@ class AsyncVLLMEngine(Engine):
     def queue_depth(self) -> int:
         return len(self._inflight)
 
+    def health(self) -> str | None:
+        if self.llm is None:
+            return "the vllm engine was closed"
+        if self.llm.errored:  # the EngineCore process died: only a restart brings it back
+            return "the vllm engine process died: restart `docent serve`"
+        return None
+
     async def _stream(self, request: ChatRequest) -> AsyncGenerator[StreamDelta, None]:
         """Runs on the home loop."""
         from vllm.exceptions import VLLMError
