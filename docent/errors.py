@@ -23,3 +23,7 @@ class IndexMismatchError(DocentError):
 
 class EmptyIndexError(DocentError):
     """There is no index yet, or it holds no chunks."""
+
+
+class DiskFullError(DocentError):
+    """A write failed for lack of disk space; what was stored before is unchanged."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from docent.errors import ConfigError, IndexMismatchError
+from docent.errors import ConfigError, DiskFullError, IndexMismatchError
 from docent.progress import Progress, no_progress
 from docent.settings import DocentSettings
 from docent.workspace import Workspace
@@ -181,38 +183,72 @@ def refresh_index(
         number = kstore.next_version_number(index_dir)
         staging = index_dir / f"{kstore.TMP_PREFIX}{kstore.version_name(number)}"
         staging.mkdir(parents=True)
-        if live is not None:
-            old = DocStore(live / kstore.DOCSTORE, readonly=True)
-            try:
-                _check_compatible(old, embedder, index_dir)
-                db = old.copy_to(staging / kstore.DOCSTORE)
-            finally:
-                old.close()
-        else:
-            db = DocStore(staging / kstore.DOCSTORE)
         try:
-            changed = _apply(run, db, roots, collection)
-            if not changed and live is not None:
-                report.total_chunks = db.count_chunks()
-                report.documents = len(db.documents())
-                db.close()
-                kstore.collect_garbage(index_dir, settings.keep_versions)  # drops staging
-                report.version = live.name
-                report.index_type = json.loads((live / kstore.MANIFEST).read_text())["index_type"]
-                report.seconds = time.perf_counter() - started
-                return report
-            _write_indexes(run, db, staging, live, number)
-            db.close()
-            final = kstore.publish(index_dir, staging, number)
-        except BaseException:
-            db.close()
+            final = _build_version(run, index_dir, staging, live, number, roots, collection)
+        except BaseException as exc:
+            # The half-written version goes at once: on a full disk it holds the space a
+            # retry needs. The published version was never touched.
+            shutil.rmtree(staging, ignore_errors=True)
+            if disk_full(exc):
+                raise DiskFullError(
+                    f"the disk under {index_dir} is full ({exc}); the previous index is still "
+                    "in use, unchanged (nothing stored was lost): free some space and run the "
+                    "refresh again"
+                ) from exc
             raise
+        if final is None:  # nothing changed: the live version stays
+            kstore.collect_garbage(index_dir, settings.keep_versions)
+            report.version = live.name if live else ""
+            report.seconds = time.perf_counter() - started
+            return report
         kstore.collect_garbage(index_dir, settings.keep_versions)
     report.version = final.name
     report.published = True
     report.seconds = time.perf_counter() - started
     log.info("published %s: %s", final.name, report.as_dict())
     return report
+
+
+def _build_version(
+    run: _Run,
+    index_dir: Path,
+    staging: Path,
+    live: Path | None,
+    number: int,
+    roots: list[Path],
+    collection: str,
+) -> Path | None:
+    """Write the next version in ``staging`` and publish it; None when nothing changed."""
+    report = run.report
+    if live is not None:
+        old = DocStore(live / kstore.DOCSTORE, readonly=True)
+        try:
+            _check_compatible(old, run.embedder, index_dir)
+            db = old.copy_to(staging / kstore.DOCSTORE)
+        finally:
+            old.close()
+    else:
+        db = DocStore(staging / kstore.DOCSTORE)
+    try:
+        changed = _apply(run, db, roots, collection)
+        if not changed and live is not None:
+            report.total_chunks = db.count_chunks()
+            report.documents = len(db.documents())
+            report.index_type = json.loads((live / kstore.MANIFEST).read_text())["index_type"]
+            return None
+        _write_indexes(run, db, staging, live, number)
+    finally:
+        db.close()
+    return kstore.publish(index_dir, staging, number)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a write failed for lack of space, however the library reports it: OSError
+    (Python), "database or disk is full" (SQLite), a RuntimeError naming errno's text (FAISS)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    text = str(exc).lower()
+    return any(s in text for s in ("disk is full", "no space left", "file too large"))
 
 
 def _apply(run: _Run, db: DocStore, roots: list[Path], collection: str) -> bool:

@@ -20,6 +20,7 @@ import docent
 from docent.engine import Engine, EngineUnavailableError
 from docent.errors import (
     ConfigError,
+    DiskFullError,
     DocentError,
     EmptyIndexError,
     IndexBusyError,
@@ -58,6 +59,7 @@ ERROR_STATUS: list[tuple[type[DocentError], int]] = [
     (AdapterError, 404),
     (EmptyIndexError, 503),
     (EngineUnavailableError, 503),
+    (DiskFullError, 507),
     (IndexBusyError, 409),
     (IndexMismatchError, 409),
     (ConfigError, 400),

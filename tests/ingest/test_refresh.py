@@ -289,3 +289,43 @@ def test_index_type_by_flag_or_size_survives_removals(
     store.close()
     top = _top_sources(settings, "When is the Tidewater museum closed?", embedder)
     assert top[0] == "museum.md" and "ferry.md" not in top
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB filesystem (tmpfs), so writes fail with ENOSPC as on a full disk."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.decode()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_during_refresh_keeps_the_old_index(tmp_path, small_disk, embedder):
+    from docent.errors import DiskFullError
+
+    corpus = write_corpus(tmp_path / "docs", CORPUS)
+    settings = DocentSettings(workspace=small_disk / "ws")
+    refresh_index([corpus], settings, embedder=embedder)
+    write_corpus(corpus, MUSEUM)
+    filler = small_disk / "filler"  # takes every byte left: the next version cannot be written
+    with filler.open("wb", buffering=0) as out, pytest.raises(OSError):
+        while True:
+            out.write(b"\0" * 4096)
+    with pytest.raises(DiskFullError, match="disk .* is full.*previous index is still in use"):
+        refresh_index([corpus], settings, embedder=embedder)
+    assert current_version(settings.workspace / "index").name == "v000001"
+    assert list((settings.workspace / "index").glob(".tmp-*")) == []  # its space came back
+    _consistent(settings).close()
+    assert "museum.md" not in _top_sources(settings, "When is the museum closed?", embedder)
+
+    filler.unlink()
+    retry = refresh_index([corpus], settings, embedder=embedder)
+    assert retry.published and retry.added == 1
+    assert _top_sources(settings, "When is the museum closed?", embedder)[0] == "museum.md"
