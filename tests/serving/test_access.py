@@ -10,13 +10,16 @@ import shutil
 import httpx
 import pytest
 
-from conftest import HANDBOOK, free_port, serve_in_thread, write_corpus
+from conftest import free_port, serve_in_thread, write_corpus
 
 ACME_KEY = "acme-user-key-0001"
 HANDBOOK_KEY = "handbook-user-key-01"
 ACME_ADMIN = "acme-admin-key-0001"
 ROOT_ADMIN = "root-admin-key-00001"
-KEYS = f"{ACME_KEY}:user:acme,{HANDBOOK_KEY}:user:default,{ACME_ADMIN}:admin:acme,{ROOT_ADMIN}:admin"
+KEYS = ",".join(
+    [f"{ACME_KEY}:user:acme", f"{HANDBOOK_KEY}:user:default"]
+    + [f"{ACME_ADMIN}:admin:acme", f"{ROOT_ADMIN}:admin"]
+)
 TUTOR_SITE = "https://tutor.example"
 VAULT_CODE = "7391-ZEBRA"
 ACME = {

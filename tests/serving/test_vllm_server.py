@@ -48,9 +48,20 @@ def vllm_server(tmp_path_factory, handbook_settings):
     }
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "docent.cli", "--workspace", str(root), "serve",
-         "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "docent.cli",
+            "--workspace",
+            str(root),
+            "serve",
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 420
