@@ -75,10 +75,13 @@ def vllm_server(tmp_path_factory, handbook_settings):
             proc.kill()
             raise AssertionError((root / "server.log").read_text()[-4000:])
         time.sleep(1)
-    yield url, root
+    state = {"pid": proc.pid, "engine_killed": False}
+    yield url, root, state
     proc.send_signal(signal.SIGINT)
     try:
-        assert proc.wait(timeout=60) == 0  # a clean shutdown, vLLM workers included
+        code = proc.wait(timeout=60)
+        if not state["engine_killed"]:
+            assert code == 0  # a clean shutdown, vLLM workers included
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -89,7 +92,7 @@ def vllm_server(tmp_path_factory, handbook_settings):
 def test_docent_serve_on_vllm_answers_like_transformers(vllm_server):
     from openai import OpenAI
 
-    url, _ = vllm_server
+    url, _, _ = vllm_server
     ready = httpx.get(f"{url}/readyz").json()
     assert ready["engine"] == "vllm" and ready["adapter"] == ADAPTER
     with httpx.Client(base_url=url, timeout=300) as c:
@@ -122,6 +125,33 @@ def test_docent_serve_on_vllm_answers_like_transformers(vllm_server):
         model="docent", messages=[{"role": "user", "content": QUESTION}]
     )
     assert "".join(pieces) == done.choices[0].message.content
+
+
+@pytest.mark.slow
+def test_a_dead_vllm_engine_gives_503_and_fails_the_liveness_probe(vllm_server):
+    """SIGKILL vLLM's engine-core process (a crash, an OOM kill): questions get a clear 503 and
+    /healthz turns 503, so a supervisor restarts the server. Runs last in this module."""
+    import psutil
+
+    url, _, state = vllm_server
+    cores = [
+        p
+        for p in psutil.Process(state["pid"]).children(recursive=True)
+        if "EngineCore" in " ".join(p.cmdline() + [p.name()])
+    ]
+    assert cores, "no vLLM EngineCore process found"
+    state["engine_killed"] = True
+    for core in cores:
+        core.kill()
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/healthz", timeout=10).status_code != 503:
+        assert time.monotonic() < deadline, "the server did not notice its engine died"
+        time.sleep(0.5)
+    health = httpx.get(f"{url}/healthz", timeout=10).json()
+    assert health["status"] == "dead" and "restart" in health["detail"]
+    r = httpx.post(f"{url}/v1/ask", json={"question": QUESTION}, timeout=60)
+    assert r.status_code == 503 and "retry-after" in r.headers
+    assert "vLLM" in r.json()["detail"] or "vllm" in r.json()["detail"]
 
 
 class _Doc:
