@@ -221,8 +221,7 @@ def live_server(tmp_path_factory, handbook_settings, embedder, hf_serving_engine
     root = tmp_path_factory.mktemp("serve-ws")
     # A copy of the session's handbook index: these tests refresh it.
     shutil.copytree(handbook_settings.workspace / "index", root / "index")
-    corpus = root / "corpus"
-    corpus.mkdir()
+    corpus = tmp_path_factory.mktemp("serve-corpus")  # outside the workspace, as refresh requires
     make_lora_adapter(
         root / "adapters" / ADAPTER, generator_path("default", DocentSettings().cache_dir)
     )
@@ -238,6 +237,7 @@ def live_server(tmp_path_factory, handbook_settings, embedder, hf_serving_engine
         max_body_kb=64,
         max_upload_mb=1,
         refresh_roots=[corpus, HANDBOOK],
+        queue_timeout_s=600,  # shedding is tested in test_faults.py; here slow CPUs only wait
     )
     app = create_app(settings, engine=hf_serving_engine, embedder=embedder)
     with serve_in_thread(app, port) as url:
