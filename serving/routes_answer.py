@@ -18,6 +18,7 @@ from serving.auth import Principal, require_full_admin, require_user
 from serving.rag import Answer, StreamEvent
 from serving.schemas import AnswerOut, AskBody, ChatBody, FeedbackBody, FilterBody
 from serving.state import ServingState
+from serving.store import ServingStore
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_user)])
@@ -200,22 +201,27 @@ async def chat(
     return await run_answer(events, body.stream, finish)
 
 
+def owned_session(request: Request, session_id: str, principal: Principal) -> ServingStore:
+    """The store, once the session is known to be the caller's (404 otherwise)."""
+    store = state_of(request).store
+    store.check_owner(session_id, principal.owner_check())
+    return store
+
+
 @router.get("/chat/{session_id}", tags=["answers"])
 async def chat_history(
     session_id: str, request: Request, principal: Principal = Depends(require_user)
 ) -> dict[str, Any]:
-    store = state_of(request).store
-    store.check_owner(session_id, principal.owner_check())
-    return {"session_id": session_id, "messages": store.messages(session_id)}
+    messages = owned_session(request, session_id, principal).messages(session_id)
+    return {"session_id": session_id, "messages": messages}
 
 
 @router.delete("/chat/{session_id}", tags=["answers"])
 async def chat_forget(
     session_id: str, request: Request, principal: Principal = Depends(require_user)
 ) -> dict[str, Any]:
-    store = state_of(request).store
-    store.check_owner(session_id, principal.owner_check())
-    return {"session_id": session_id, "deleted": store.delete_session(session_id)}
+    deleted = owned_session(request, session_id, principal).delete_session(session_id)
+    return {"session_id": session_id, "deleted": deleted}
 
 
 @router.post("/feedback", tags=["feedback"])

@@ -92,6 +92,15 @@ def write_qa(path: Path, rows: list[tuple[str, str, str, str]]) -> Path:
     return path
 
 
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    """Server-sent events as (event, data) pairs."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        events.append((lines.get("event", "message"), json.loads(lines["data"])))
+    return events
+
+
 def run_script(tmp_path: Path, body: str, *args: str):
     """Run ``body`` as a script in a fresh interpreter (vLLM spawns workers, so engines are
     built under ``__main__``) and return the JSON it printed after ``RESULT ``."""

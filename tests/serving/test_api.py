@@ -6,17 +6,9 @@ import json
 
 import pytest
 
-from conftest import ADAPTER, ADMIN_KEY, USER_KEY
+from conftest import ADAPTER, ADMIN_KEY, USER_KEY, sse_events
 
 INVITE = "How long is an invitation link to join a workspace valid?"
-
-
-def sse_events(text: str) -> list[tuple[str, dict]]:
-    events = []
-    for block in text.strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
-        events.append((lines.get("event", "message"), json.loads(lines["data"])))
-    return events
 
 
 def test_ask_answers_from_the_documents_with_the_promoted_adapter(live_server):

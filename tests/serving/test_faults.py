@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, free_port, write_corpus, write_qa
+from conftest import ROOT, free_port, sse_events, write_corpus, write_qa
 
 FAKE_LLM = Path(__file__).with_name("fake_llm.py")
 REFUND = "How long after delivery can an Acme order be refunded?"
@@ -84,14 +83,6 @@ def site(tmp_path, embedder):
     return tmp_path
 
 
-def sse(text: str) -> list[tuple[str, dict]]:
-    out = []
-    for block in text.strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
-        out.append((fields.get("event", "message"), json.loads(fields["data"])))
-    return out
-
-
 def test_remote_llm_dying_mid_answer_is_a_503_and_the_service_recovers(site):
     llm_port, port = free_port(), free_port()
     api = f"http://127.0.0.1:{port}"
@@ -109,7 +100,7 @@ def test_remote_llm_dying_mid_answer_is_a_503_and_the_service_recovers(site):
                 text += line + "\n"
                 if line.startswith("event: delta") and llm.poll() is None:
                     llm.send_signal(signal.SIGKILL)
-        events = sse(text)
+        events = sse_events(text)
         assert events[-1][0] == "error" and events[-1][1]["status"] == 503
         assert "broke off" in events[-1][1]["detail"]
 
