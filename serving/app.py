@@ -53,8 +53,8 @@ PAGE_HEADERS = {
 }
 
 # Most specific first: NotFoundError is a ConfigError.
+# OverloadedError carries its own status (429 or 503): see status_for.
 ERROR_STATUS: list[tuple[type[DocentError], int]] = [
-    (OverloadedError, 429),
     (NotFoundError, 404),
     (AdapterError, 404),
     (EmptyIndexError, 503),

@@ -26,10 +26,6 @@ class Principal:
     admin: bool
     collections: frozenset[str] | None = None  # None: every collection
 
-    @property
-    def unrestricted(self) -> bool:
-        return self.collections is None
-
     def may_read(self, collection: str) -> bool:
         return self.collections is None or collection in self.collections
 
@@ -137,6 +133,6 @@ def require_admin(request: Request) -> Principal:
 def require_full_admin(request: Request) -> Principal:
     """Admin routes that act on every collection at once (RAFT regeneration, feedback export)."""
     principal = authenticate(request, admin=True)
-    if not principal.unrestricted:
+    if not principal.sees_all:
         raise HTTPException(403, "this needs an admin key that is not limited to collections")
     return principal

@@ -168,78 +168,50 @@ class RagService:
         # Admission comes first, so a refused request costs no retrieval and a streamed one
         # is refused with a status code, before its response starts.
         async with self.admission.slot():
-            async for event in self._stream(
-                question,
-                k=k,
-                filters=filters,
-                adapter=adapter,
-                history=history,
-                mode=mode,
-                extra_instructions=extra_instructions,
-                max_tokens=max_tokens,
+            started = time.perf_counter()
+            adapter_name = self.adapters.resolve(adapter)
+            earlier = [m["content"] for m in history if m["role"] == "user"]
+            retrieved = await asyncio.to_thread(
+                self.retrieve, question, k or self.settings.top_k, filters, earlier
+            )
+            yield StreamEvent("retrieved", retrieved=retrieved)
+            if not self.relevant(retrieved):
+                # Nothing to ground an answer in: say so rather than let the model invent one.
+                raw = format_answer(NOTHING_RELEVANT, DECLINE_ANSWER)
+                self.metrics.answers.labels("no_context").inc()
+                yield StreamEvent("delta", text=raw)
+                canned = Completion(raw, 0, 0, "stop", self.engine.model, adapter_name)
+                answer = self._answer(question, retrieved, canned, started, 0.0, None)
+                yield StreamEvent("answer", answer=answer)
+                return
+            request = ChatRequest(
+                messages=build_messages(
+                    question, retrieved.hits, history, mode, extra_instructions
+                ),
+                max_tokens=max_tokens or self.settings.answer_max_tokens,
                 temperature=temperature,
                 top_p=top_p,
                 seed=seed,
-            ):
-                yield event
-
-    async def _stream(
-        self,
-        question: str,
-        *,
-        k: int | None,
-        filters: Filters | None,
-        adapter: str | None,
-        history: Sequence[dict[str, str]],
-        mode: str | None,
-        extra_instructions: str | None,
-        max_tokens: int | None,
-        temperature: float,
-        top_p: float,
-        seed: int | None,
-    ) -> AsyncIterator[StreamEvent]:
-        started = time.perf_counter()
-        adapter_name = self.adapters.resolve(adapter)
-        earlier = [m["content"] for m in history if m["role"] == "user"]
-        retrieved = await asyncio.to_thread(
-            self.retrieve, question, k or self.settings.top_k, filters, earlier
-        )
-        yield StreamEvent("retrieved", retrieved=retrieved)
-        if not self.relevant(retrieved):
-            # Nothing to ground an answer in: say so rather than let the model invent one.
-            raw = format_answer(NOTHING_RELEVANT, DECLINE_ANSWER)
-            self.metrics.answers.labels("no_context").inc()
-            yield StreamEvent("delta", text=raw)
-            canned = Completion(raw, 0, 0, "stop", self.engine.model, adapter_name)
-            answer = self._answer(question, retrieved, canned, started, 0.0, None)
+                adapter=adapter_name,
+            )
+            gen_started = time.perf_counter()
+            first: float | None = None
+            completion: Completion | None = None
+            async for delta in self.engine.astream(request):
+                if delta.text:
+                    if first is None:
+                        first = time.perf_counter() - gen_started
+                        self.metrics.first_token.observe(first)
+                    yield StreamEvent("delta", text=delta.text)
+                completion = delta.completion or completion
+            assert completion is not None, "engines end every stream with a completion"
+            gen_s = time.perf_counter() - gen_started
+            self.metrics.generation.observe(gen_s)
+            self.metrics.tokens.labels("prompt").inc(completion.prompt_tokens)
+            self.metrics.tokens.labels("completion").inc(completion.completion_tokens)
+            answer = self._answer(question, retrieved, completion, started, gen_s * 1000, first)
+            self.metrics.answers.labels("declined" if answer.declined else "answered").inc()
             yield StreamEvent("answer", answer=answer)
-            return
-        request = ChatRequest(
-            messages=build_messages(question, retrieved.hits, history, mode, extra_instructions),
-            max_tokens=max_tokens or self.settings.answer_max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            adapter=adapter_name,
-        )
-        gen_started = time.perf_counter()
-        first: float | None = None
-        completion: Completion | None = None
-        async for delta in self.engine.astream(request):
-            if delta.text:
-                if first is None:
-                    first = time.perf_counter() - gen_started
-                    self.metrics.first_token.observe(first)
-                yield StreamEvent("delta", text=delta.text)
-            completion = delta.completion or completion
-        assert completion is not None, "engines end every stream with a completion"
-        gen_s = time.perf_counter() - gen_started
-        self.metrics.generation.observe(gen_s)
-        self.metrics.tokens.labels("prompt").inc(completion.prompt_tokens)
-        self.metrics.tokens.labels("completion").inc(completion.completion_tokens)
-        answer = self._answer(question, retrieved, completion, started, gen_s * 1000, first)
-        self.metrics.answers.labels("declined" if answer.declined else "answered").inc()
-        yield StreamEvent("answer", answer=answer)
 
     async def answer(self, question: str, **kwargs: Any) -> Answer:
         result: Answer | None = None
