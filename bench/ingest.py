@@ -62,6 +62,8 @@ sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from docent.hardware import describe, summary  # noqa: E402
+
 MARK_EVERY_WORDS = 60  # < chunk_size (192 tokens ~ 140 words): every chunk holds a marker
 LIST_ITEM = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+")
 EDIT_SENTENCE = "This paragraph was edited for the refresh benchmark, revision {n}."
@@ -400,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             f"embedder {embedder.model_id} loaded in {load.wall:.1f}s (excluded); torch threads "
             f"{torch.get_num_threads()}, chunk_size {settings.chunk_size}, "
             f"overlap {settings.chunk_overlap}, batch {settings.embed_batch_size}; "
-            f"load average {load_before[0]:.2f}"
+            f"load average {load_before[0]:.2f}; {summary()}"
         )
 
         # 1 + 2. full ingests and the ceiling on the very same texts, alternated (ABBA) so
@@ -544,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "ingest",
         "machine": {
             "python": platform.python_version(),
-            "cpus": os.cpu_count(),
+            **describe(),
             "torch_threads": torch.get_num_threads(),
         },
         "args": {k: str(v) for k, v in vars(args).items()},

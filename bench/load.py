@@ -58,6 +58,8 @@ from serve import (  # noqa: E402  (bench/serve.py: the server process and set-u
     versions,
 )
 
+from docent.hardware import auto_dtype, describe, summary  # noqa: E402
+
 CONFIGS = ("docent", "unbounded")
 
 
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         f"python {platform.python_version()}, cpus {os.cpu_count()}, "
         + ", ".join(f"{k} {v}" for k, v in versions().items() if v)
         + f"; engine {args.engine}; levels {levels}; active {args.active}, queued "
-        f"{args.queued}; max tokens {args.max_tokens}, k {args.k}; load {os.getloadavg()[0]:.2f}",
+        f"{args.queued}; max tokens {args.max_tokens}, k {args.k}; load {os.getloadavg()[0]:.2f}"
+        f"; {summary()}, {auto_dtype()}",
         flush=True,
     )
     base = server_env(args.max_tokens)
@@ -274,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             if rec:
                 print(f"{config}: after the load, {rec['answered']}/{rec['sent']} answered")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "runs": runs}))
+        args.out.write_text(json.dumps({
+            "args": vars(args) | {"out": str(args.out)}, "runs": runs,
+            "machine": describe(), "dtype": auto_dtype(),
+        }))
         print(f"\nwrote {args.out}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -33,6 +33,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(ROOT))
 
 from docent.engine import ChatRequest, Completion, Engine, build_engine  # noqa: E402
+from docent.hardware import auto_dtype, describe, summary  # noqa: E402
 from docent.settings import DocentSettings  # noqa: E402
 from ingest.embedder import Embedder  # noqa: E402
 from ingest.pipeline import refresh_index  # noqa: E402
@@ -92,6 +93,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         ratio = rows["batched"]["chunks_per_min"] / rows["one at a time"]["chunks_per_min"]
         return {
             "engine": teacher.kind,
+            "dtype": auto_dtype(),
+            "machine": describe(),
             "limit": args.limit,
             "rows": rows,
             "batched_over_single": round(ratio, 2),
@@ -107,7 +110,8 @@ def main() -> None:
     parser.add_argument("--batch-chunks", type=int, default=16)
     args = parser.parse_args()
     result = run(args)
-    print(f"\n### RAFT build, {result['engine']} teacher, {args.limit} chunks\n")
+    print(f"\n### RAFT build, {result['engine']} teacher ({result['dtype']}), {args.limit} chunks, "
+          f"{summary(result['machine'])}\n")
     print("| mode | seconds | chunks/min | questions/min | examples/min | gen tokens/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, row in result["rows"].items():  # type: ignore[union-attr]

@@ -59,6 +59,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np  # noqa: E402
 
+from docent.hardware import describe, summary  # noqa: E402
+
 KINDS = ("flat", "hnsw", "ivf")
 
 
@@ -489,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         f"faiss {faiss.__version__}, OpenMP threads {threads} "
         f"({'--faiss-threads' if args.faiss_threads else 'FAISS default'}), "
         f"cpus {os.cpu_count()}; dim {args.dim}, {args.queries} queries, k={args.k}, "
-        f"data {args.distribution}; load average {load_before[0]:.2f}"
+        f"data {args.distribution}; load average {load_before[0]:.2f}; {summary()}"
     )
 
     started = time.perf_counter()
@@ -512,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "search",
         "machine": {
             "python": platform.python_version(),
-            "cpus": os.cpu_count(),
+            **describe(),
             "faiss": faiss.__version__,
             "faiss_omp_threads": threads,
         },

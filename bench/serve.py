@@ -64,6 +64,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from docent.hardware import auto_dtype, describe, summary  # noqa: E402
+
 LABELS = {"vllm": "vLLM", "hf": "HF"}
 
 
@@ -503,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{k} {v}" for k, v in vers.items() if v)
         + f"; engines {','.join(engines)}; levels {levels}, requests "
         f"{[len(q) for _, q in plan]}; max tokens {args.max_tokens}, greedy; "
-        f"{len(questions)} answerable handbook questions; load average {load_before[0]:.2f}",
+        f"{len(questions)} answerable handbook questions; load average {load_before[0]:.2f}; "
+        f"{summary()}, {auto_dtype()}",
         flush=True,
     )
 
@@ -578,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
             run.pop("answers", None)
         result = {
             "bench": "serve",
-            "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), **vers},
+            "machine": {"python": platform.python_version(), **describe(), **vers},
+            "dtype": auto_dtype(),
             "args": {k: str(v) for k, v in vars(args).items() if k != "out"},
             "levels": levels,
             "requests_per_level": {str(c): len(q) for c, q in plan},

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from docent.hardware import cpu_has_bf16, describe, summary  # noqa: E402
 from docent.models import generator_path  # noqa: E402
 from docent.settings import DocentSettings  # noqa: E402
 from ingest.embedder import Embedder  # noqa: E402
@@ -139,12 +140,15 @@ def main() -> None:
             "batch": args.batch,
             "params": params,
             "matmul_gflops": round(gflops, 1),
+            "machine": describe(),
+            "dtype": "float32 + bf16 autocast" if cpu_has_bf16() else "float32",
             "rows": table,
             "ours_over_trl": round(ours.tokens_per_s / base_tps, 2) if base_tps else None,
         }
         print(
             f"\n### LoRA SFT on {len(rows)} handbook examples, {args.steps} steps x "
-            f"{args.batch} rows, SmolLM2 ({params / 1e6:.0f}M params), CPU\n"
+            f"{args.batch} rows, SmolLM2 ({params / 1e6:.0f}M params), {summary()}, "
+            f"{result['dtype']}\n"
         )
         print("| run | seconds | trained tokens/s | 6·N·tokens/s ÷ matmul peak |")
         print("|---|---:|---:|---:|")

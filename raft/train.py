@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from docent.errors import ConfigError
-from docent.hardware import cpu_has_bf16
+from docent.hardware import cpu_has_bf16, describe, summary
 from docent.models import generator_id, generator_path
 from docent.progress import Progress, no_progress
 from docent.settings import DocentSettings
@@ -175,7 +176,7 @@ def train_adapter(
         max_steps=settings.train_max_steps or -1,
         learning_rate=settings.train_lr,
         lr_scheduler_type="cosine",
-        warmup_steps=0.05,  # a float below 1 is a ratio of the total steps
+        warmup_steps=_warmup_steps(settings, len(train_rows)),
         per_device_train_batch_size=settings.train_batch_size,
         per_device_eval_batch_size=settings.train_batch_size,
         gradient_accumulation_steps=settings.train_grad_accum,
@@ -263,6 +264,7 @@ def train_adapter(
         "hyperparameters": train_fields,
         "device": "cuda" if cuda else "cpu",
         "dtype": ("bfloat16" if cuda else "float32 + bf16 autocast") if bf16 else "float32",
+        "hardware": describe(),
         "examples": {"train": len(train_rows), "validation": len(val_rows)},
         "result": {k: v for k, v in asdict(result).items() if k != "log_history"},
         "loss_curve": [
@@ -279,6 +281,14 @@ def train_adapter(
     shutil.rmtree(run_dir, ignore_errors=True)
     AdapterRegistry(adapters_dir)  # the folder is the registration; promotion is explicit
     return result
+
+
+def _warmup_steps(settings: DocentSettings, examples: int) -> int:
+    """5% of the steps, rounded down. transformers rounds a warm-up *ratio* up, so a 4-step
+    run spent its first step at learning rate 0, and a 1-step run never changed the adapter."""
+    per_epoch = math.ceil(examples / (settings.train_batch_size * settings.train_grad_accum))
+    total = settings.train_max_steps or math.ceil(per_epoch * settings.train_epochs)
+    return int(0.05 * total)
 
 
 def _write_report(folder: Path, meta: dict[str, Any]) -> None:
@@ -308,7 +318,8 @@ def _write_report(folder: Path, meta: dict[str, Any]) -> None:
     lines = [
         f"# Training report: {meta['name']}",
         "",
-        f"- base model: `{meta['base_model']}` ({meta['device']}, {meta['dtype']})",
+        f"- base model: `{meta['base_model']}` ({meta['device']}, {meta['dtype']}) on "
+        f"{summary(meta['hardware'])}",
         f"- dataset: `{meta['dataset']}` (hash `{str(meta['dataset_hash'])[:12]}`), "
         f"{meta['examples']['train']} train / {meta['examples']['validation']} validation",
         f"- steps: {r['steps']}, wall time {r['seconds']} s, {r['tokens_per_s']} tokens/s",

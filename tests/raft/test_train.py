@@ -4,6 +4,7 @@ loads in transformers+PEFT and vLLM, and the registry promotes and rolls back.""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -172,29 +173,56 @@ def test_packed_padding_free_training_runs(tiny_set):
     assert (tiny_set.workspace / "adapters" / "packed" / "adapter_model.safetensors").exists()
 
 
-VLLM_LORA = """
+VLLM_ADAPTER = """
 import json, sys
-from docent.engine import ChatRequest, build_engine
+from pathlib import Path
+from docent.engine import ChatRequest
 from docent.settings import DocentSettings
+from raft.adapters import AdapterRegistry
+from raft.merge import engine_for_adapter
 
 if __name__ == "__main__":
-    engine = build_engine(DocentSettings(engine="vllm", vllm_kv_cache_gib=1, max_model_len=2048))
-    engine.add_adapter("orbit", sys.argv[1])
+    settings = DocentSettings(workspace=sys.argv[1], engine="vllm", vllm_kv_cache_gib=1,
+                              max_model_len=2048, dtype="float32")
+    info = AdapterRegistry(Path(sys.argv[1]) / "adapters").get("orbit")
+    engine, adapter = engine_for_adapter(settings, info)
     ask = [{"role": "user", "content": "When does the Orbit help desk open?"}]
-    out = engine.generate([ChatRequest(ask, max_tokens=24, adapter="orbit"),
-                           ChatRequest(ask, max_tokens=24)])
-    print("RESULT " + json.dumps([[c.text, c.adapter] for c in out]))
+    out = engine.generate([ChatRequest(ask, max_tokens=24, adapter=adapter)])
+    print("RESULT " + json.dumps([out[0].text, adapter]))
     engine.close()
 """
 
 
 @pytest.mark.slow
-def test_vllm_serves_the_trained_adapter(tiny_set, tmp_path):
+def test_vllm_answers_with_the_trained_adapter_like_peft(tiny_set, tmp_path):
+    """vLLM runs the adapter as LoRA on CUDA and as merged weights on CPUs (its CPU LoRA path
+    timed out); either way its greedy answer is PEFT's, in fp32."""
+    from docent.engine import ChatRequest
+    from docent.engine.factory import merges_adapters
+    from docent.engine.hf import HFEngine
+
     folder = tiny_set.workspace / "adapters" / "orbit"
     if not folder.exists():
         pytest.skip("needs the adapter from the training test")
-    (tuned, adapter), (base, no_adapter) = run_script(tmp_path, VLLM_LORA, str(folder))
-    assert tuned and base and adapter == "orbit" and no_adapter is None
+    shutil.rmtree(folder / "merged")  # written by --merge above: make the engine write it
+    text, adapter = run_script(tmp_path, VLLM_ADAPTER, str(tiny_set.workspace))
+    engine = HFEngine(generator_path(), dtype="float32")
+    engine.add_adapter("orbit", str(folder))
+    ask = [{"role": "user", "content": "When does the Orbit help desk open?"}]
+    peft = engine.generate([ChatRequest(ask, max_tokens=24, adapter="orbit")])[0]
+    assert text.split()[:6] == peft.text.split()[:6]
+    merged = merges_adapters("vllm")
+    assert (adapter is None) == merged and (folder / "merged" / "config.json").exists() == merged
+
+
+def test_warm_up_never_spends_a_short_run_at_learning_rate_zero(tiny_set):
+    from raft.train import _warmup_steps
+
+    assert _warmup_steps(tiny_set.with_overrides(train_max_steps=1), 100) == 0
+    assert _warmup_steps(tiny_set.with_overrides(train_max_steps=4), 100) == 0
+    assert _warmup_steps(tiny_set.with_overrides(train_max_steps=40), 100) == 2
+    epochs = DocentSettings(train_epochs=2.0, train_batch_size=4, train_grad_accum=1)
+    assert _warmup_steps(epochs, 400) == 10  # 100 steps an epoch, 200 in all
 
 
 def _fake_adapter(registry_dir, name, base):
