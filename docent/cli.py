@@ -356,7 +356,6 @@ def train(
     promote: Annotated[bool, typer.Option(help="Promote the adapter when done.")] = False,
 ) -> None:
     """Fine-tune the base model on a RAFT set with LoRA; the adapter joins the registry."""
-    from raft.adapters import AdapterRegistry
     from raft.train import train_adapter
 
     settings = _settings(
@@ -378,12 +377,7 @@ def train(
         train_adapter, settings, dataset=dataset, name=name, resume=resume, merge=merge
     )
     if promote:
-        try:
-            AdapterRegistry(settings.workspace / "adapters").promote(
-                result.name, settings.generator
-            )
-        except DocentError as exc:
-            _fail(str(exc))
+        _promote(settings, result.name)
     out.print(f"[bold]{result.name}[/] → {result.path}")
     out.print(
         f"{result.steps} steps in {result.seconds}s ({result.tokens_per_s} tokens/s); "
@@ -437,11 +431,25 @@ def adapters_show(ctx: typer.Context, name: Annotated[str, typer.Argument()]) ->
 @adapters_app.command("promote")
 def adapters_promote(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> None:
     """Make an adapter the one serving uses by default."""
+    _promote(ctx.obj, name)
+    out.print(f"promoted [bold]{name}[/]")
+
+
+def _promote(settings: DocentSettings, name: str) -> None:
+    """Promote, and write the merged weights now where the serving engine runs adapters
+    merged (vLLM on a CPU), so serving never waits for them."""
+    from raft.adapters import AdapterRegistry
+    from raft.merge import merge_if_served_merged
+
     try:
-        info = _registry(ctx).promote(name, ctx.obj.generator)
+        info = AdapterRegistry(settings.workspace / "adapters").promote(name, settings.generator)
+        with console.status("merging the adapter into the base weights for vLLM…"):
+            merged = merge_if_served_merged(info, settings)
     except DocentError as exc:
         _fail(str(exc))
-    out.print(f"promoted [bold]{info.name}[/]")
+        raise  # unreachable
+    if merged:
+        out.print(f"[dim]merged weights for vLLM on this CPU: {merged}[/]", soft_wrap=True)
 
 
 @adapters_app.command("rollback")
@@ -499,11 +507,15 @@ def evaluate(
     forgetting: Annotated[bool, typer.Option(help="General-knowledge probe.")] = True,
     max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 160,
     engine: Annotated[str | None, typer.Option(help="auto, vllm, hf or openai.")] = None,
+    fresh: Annotated[
+        bool, typer.Option(help="Ask the model again instead of reusing answers kept earlier.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Base vs base+RAG vs RAFT vs RAFT+RAG on the same questions; a report with plots."""
+    """Base vs base+RAG vs RAFT vs RAFT+RAG on the same questions; a report with plots.
+    Each finished answer is kept, so a re-run after a crash resumes where it stopped."""
     from docent.workspace import Workspace
-    from eval.report import headline, table, write_report
+    from eval.report import headline, table, where, write_report
     from eval.runner import run_eval
     from raft.adapters import AdapterRegistry
     from raft.build import latest_manifest
@@ -527,6 +539,7 @@ def evaluate(
         sweep=distractors_sweep,
         forgetting=forgetting,
         max_tokens=max_tokens,
+        fresh=fresh,
     )
     folder = write_report(result, workspace.reports_dir)
     if result.adapter:
@@ -540,6 +553,7 @@ def evaluate(
     out.print(table(result))
     for line in headline(result):
         out.print(f"[bold]{line}[/]")
+    out.print(f"[dim]{where(result)}[/]", soft_wrap=True)
     out.print(f"report: {folder / 'report.html'}")
 
 

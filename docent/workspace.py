@@ -24,6 +24,11 @@ class Workspace:
         return self.root / "adapters"
 
     @property
+    def eval_dir(self) -> Path:
+        """Finished eval answers (``answers.sqlite``), kept so a re-run resumes."""
+        return self.root / "eval"
+
+    @property
     def reports_dir(self) -> Path:
         return self.root / "reports"
 

@@ -60,6 +60,22 @@ def headline(result: EvalResult) -> list[str]:
     return lines
 
 
+def where(result: EvalResult) -> str:
+    """Where the answers came from: engine, dtype, how the adapter ran, and the machine, so
+    figures from different machines are never compared blind."""
+    from docent.hardware import summary
+
+    st = result.settings
+    hardware = st.get("hardware")
+    reused = st.get("answers_reused", 0)
+    kept = f"; {reused} answers reused from an earlier run" if reused else ""
+    return (
+        f"engine {st.get('engine')} ({st.get('dtype')}, adapter as "
+        f"{st.get('adapter_weights', 'lora')}) on {summary(hardware) if hardware else '?'}"
+        f"{kept}"
+    )
+
+
 def _plots(result: EvalResult, folder: Path) -> list[Path]:
     import matplotlib
 
@@ -106,8 +122,10 @@ def markdown(result: EvalResult, plots: list[Path]) -> str:
         "",
         f"{result.answerable} answerable + {result.unanswerable} unanswerable questions from "
         f"`{result.settings['qa_file']}` (split {result.settings['split']}); adapter "
-        f"`{result.adapter or 'none'}`; engine {result.settings['engine']}; greedy, "
+        f"`{result.adapter or 'none'}`; greedy, "
         f"{result.settings['max_tokens']} tokens at most; {result.seconds:.0f} s.",
+        "",
+        f"Ran on: {where(result)}.",
         "",
         *[f"**{line}**" for line in headline(result)],
         "",

@@ -15,31 +15,42 @@ base and tuned model without documents.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from docent.engine import ChatRequest, Engine, build_engine
-from docent.errors import ConfigError
+from docent.engine import ChatRequest, Completion, Engine
+from docent.engine.base import EngineUnavailableError
+from docent.engine.factory import resolve_engine_kind
+from docent.errors import ConfigError, DocentError
+from docent.hardware import auto_dtype, describe
 from docent.progress import Progress, no_progress
 from docent.prompts import build_messages, parse_answer
 from docent.settings import DocentSettings
 from docent.workspace import Workspace
 from eval import metrics as m
+from eval.answer_cache import AnswerCache
 from ingest.docstore import StoredChunk
 from ingest.embedder import Embedder
-from raft.adapters import AdapterRegistry
+from raft.adapters import AdapterInfo, AdapterRegistry
 from raft.build import locate_evidence
+from raft.merge import engine_for_adapter
 from retrieval import Hit, Retriever
 from serving.rag import cite, is_relevant
 
 SYSTEMS = ("base", "base+rag", "raft", "raft+rag")
 PROBES = Path(__file__).parent / "probes" / "general.jsonl"
 SWEEP = (0, 1, 2, 4, 8)
+BATCH = 16  # answers per engine call; each finished batch is kept before the next starts
+
+
+class EvalInterruptedError(DocentError):
+    """The engine died mid-eval; the answers finished before are kept for the re-run."""
 
 
 @dataclass
@@ -134,6 +145,60 @@ def load_questions(
     return out
 
 
+@dataclass
+class _Variant:
+    """One set of weights and the systems answered with it: the base model, or the adapter."""
+
+    label: str  # "base" or "raft"
+    systems: list[str]
+    adapter: AdapterInfo | None = None
+
+    @property
+    def identity(self) -> str | None:
+        """What the answer cache keys on: a retrained adapter of the same name is another."""
+        if self.adapter is None:
+            return None
+        return f"{self.adapter.name}@{self.adapter.metadata.get('created', '')}"
+
+
+class _Answerer:
+    """Asks the engine for the answers the cache does not hold yet, in batches, and keeps
+    each batch as it finishes. Turns an engine death into one line that says what is kept."""
+
+    def __init__(self, engine: Engine, adapter: str | None, variant: _Variant,
+                 cache: AnswerCache, fresh: bool) -> None:
+        self.engine, self.adapter, self.variant = engine, adapter, variant
+        self.cache, self.fresh = cache, fresh
+
+    def request(self, messages: list[dict[str, str]], max_tokens: int) -> ChatRequest:
+        return ChatRequest(messages, max_tokens=max_tokens, adapter=self.adapter)
+
+    def __call__(self, system: str, items: Sequence[tuple[str, ChatRequest]]) -> list[Completion]:
+        keys = [self.cache.key(r, self.variant.identity) for _, r in items]
+        found = [None if self.fresh else self.cache.get(k) for k in keys]
+        todo = [i for i, c in enumerate(found) if c is None]
+        for start in range(0, len(todo), BATCH):
+            batch = todo[start:start + BATCH]
+            try:
+                done = self.engine.generate([items[i][1] for i in batch])
+            except (EngineUnavailableError, RuntimeError, TimeoutError) as exc:
+                raise EvalInterruptedError(
+                    f"{_one_line(exc)} — {self.cache.stored} answers of this run are kept in "
+                    f"{self.cache.path}: run the same `docent eval` again to resume"
+                ) from exc
+            for i, c in zip(batch, done, strict=True):
+                found[i] = c
+            self.cache.put_many(
+                [(keys[i], system, items[i][0], c) for i, c in zip(batch, done, strict=True)]
+            )
+        return [c for c in found if c is not None]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def run_eval(
     settings: DocentSettings,
     qa_file: Path,
@@ -148,65 +213,114 @@ def run_eval(
     max_tokens: int = 160,
     engine: Engine | None = None,
     embedder: Embedder | None = None,
+    fresh: bool = False,
     progress: Progress = no_progress,
 ) -> EvalResult:
+    """Answers every question with every system and scores them. Finished answers are kept
+    in ``<workspace>/eval/answers.sqlite`` as they come, so a re-run after a crash asks the
+    model only for what is missing (``fresh=True`` asks again). With ``engine`` given, every
+    system uses it; otherwise each set of weights gets the engine ``settings`` choose, the
+    adapter through merged weights where that engine's LoRA path is slow (vLLM on CPUs)."""
     started = time.perf_counter()
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise ConfigError(f"unknown system(s) {unknown}: choose from {', '.join(SYSTEMS)}")
     k = k or settings.top_k
     questions = load_questions(qa_file, split, limit)
-    adapter_name, adapter_path = _adapter(settings, adapter, systems)
+    info = _adapter(settings, adapter, systems)
+    variants = [
+        v for v in (
+            _Variant("base", [s for s in systems if not s.startswith("raft")]),
+            _Variant("raft", [s for s in systems if s.startswith("raft")], info),
+        ) if v.systems
+    ]
     embedder = embedder or Embedder.from_settings(settings)
     retriever = Retriever(settings, embedder=embedder)
-    owned = engine is None
-    engine = engine or build_engine(settings)
+    kind = engine.kind if engine is not None else resolve_engine_kind(settings)
+    dtype = auto_dtype() if settings.dtype == "auto" else settings.dtype
+    cache = AnswerCache(
+        Workspace(settings.workspace).eval_dir / "answers.sqlite",
+        {"generator": settings.generator, "engine": kind, "dtype": dtype},
+    )
     try:
-        if adapter_name and adapter_path:
-            engine.add_adapter(adapter_name, adapter_path)
         hits = {q.id: retriever.search(q.question, k=max(k, 10)) for q in questions}
         progress("retrieve", len(questions), len(questions))
         retrieval = _retrieval_scores(questions, hits)
+        located = _located(questions, retriever) if sweep else []
         predictions: list[Prediction] = []
-        for n, system in enumerate(systems, start=1):
-            use_adapter = adapter_name if system.startswith("raft") else None
-            rag = system.endswith("+rag")
-            predictions += _answer(
-                engine, questions, system, use_adapter, rag, hits, k, settings, max_tokens
-            )
-            progress("answer", n, len(systems))
-        scores = {s: _system_scores([p for p in predictions if p.system == s], questions)
-                  for s in systems}
-        result = EvalResult(
-            settings={"k": k, "split": split, "limit": limit, "max_tokens": max_tokens,
-                      "generator": settings.generator, "engine": engine.kind,
-                      "qa_file": str(qa_file)},
-            adapter=adapter_name,
-            questions=len(questions),
-            answerable=sum(q.answerable for q in questions),
-            unanswerable=sum(not q.answerable for q in questions),
-            retrieval=retrieval,
-            systems=scores,
-            predictions=[asdict(p) for p in predictions],
-        )
-        if sweep:
-            result.sweep = _sweep(engine, questions, hits, systems, adapter_name, settings,
-                                  retriever, max_tokens, progress)
-        if forgetting:
-            result.forgetting = _forgetting(engine, systems, adapter_name, max_tokens)
+        sweep_scores: dict[str, dict[str, float]] = {}
+        forgot: dict[str, float] = {}
+        answered = 0
+        for variant in variants:
+            with _engine(settings, variant, engine) as (live, request_adapter):
+                ask = _Answerer(live, request_adapter, variant, cache, fresh)
+                for system in variant.systems:
+                    predictions += _answer(ask, questions, system, system.endswith("+rag"),
+                                           hits, k, settings, max_tokens)
+                    answered += 1
+                    progress("answer", answered, len(systems))
+                if sweep:
+                    sweep_scores.update(_sweep(ask, located, hits, variant.systems, settings,
+                                               max_tokens, progress))
+                if forgetting:
+                    forgot[variant.label] = _forgetting(ask, max_tokens)
+        if forgot:
+            forgot["probes"] = float(len(_probes()))
     finally:
         retriever.close()
-        if owned:
-            engine.close()
+        cache.close()
+    scores = {s: _system_scores([p for p in predictions if p.system == s], questions)
+              for s in systems}
+    result = EvalResult(
+        settings={"k": k, "split": split, "limit": limit, "max_tokens": max_tokens,
+                  "generator": settings.generator, "engine": kind, "dtype": dtype,
+                  "adapter_weights": "merged" if _merges(kind) else "lora",
+                  "qa_file": str(qa_file), "hardware": describe(),
+                  "answers_reused": cache.hits, "answers_generated": cache.stored},
+        adapter=info.name if info else None,
+        questions=len(questions),
+        answerable=sum(q.answerable for q in questions),
+        unanswerable=sum(not q.answerable for q in questions),
+        retrieval=retrieval,
+        systems=scores,
+        sweep=sweep_scores,
+        forgetting=forgot,
+        predictions=[asdict(p) for p in predictions],
+    )
     result.seconds = round(time.perf_counter() - started, 1)
     return result
 
 
+def _merges(kind: str) -> bool:
+    from docent.engine.factory import merges_adapters
+
+    return merges_adapters(kind)
+
+
+@contextlib.contextmanager
+def _engine(
+    settings: DocentSettings, variant: _Variant, given: Engine | None
+) -> Iterator[tuple[Engine, str | None]]:
+    """The engine for one variant and the adapter name its requests carry."""
+    if given is not None:
+        if variant.adapter is None:
+            yield given, None
+            return
+        given.add_adapter(variant.adapter.name, str(variant.adapter.path))
+        yield given, variant.adapter.name
+        return
+    live, request_adapter = engine_for_adapter(settings, variant.adapter)
+    try:
+        yield live, request_adapter
+    finally:
+        live.close()
+
+
 def _adapter(
     settings: DocentSettings, name: str | None, systems: Sequence[str]
-) -> tuple[str | None, str | None]:
+) -> AdapterInfo | None:
     if not any(s.startswith("raft") for s in systems):
-        return None, None
+        return None
     registry = AdapterRegistry(Workspace(settings.workspace).adapters_dir)
     info = registry.get(name) if name else registry.promoted()
     if info is None:
@@ -215,7 +329,7 @@ def _adapter(
             "--adapter NAME; or evaluate --systems base,base+rag"
         )
     registry.check_base(info, settings.generator)
-    return info.name, str(info.path)
+    return info
 
 
 def _retrieval_scores(questions: list[Question], hits: dict[str, list[Hit]]) -> dict[str, float]:
@@ -233,10 +347,9 @@ def _retrieval_scores(questions: list[Question], hits: dict[str, list[Hit]]) -> 
 
 
 def _answer(
-    engine: Engine,
+    ask: _Answerer,
     questions: list[Question],
     system: str,
-    adapter: str | None,
     rag: bool,
     hits: dict[str, list[Hit]],
     k: int,
@@ -245,7 +358,7 @@ def _answer(
     contexts: dict[str, list[Any]] | None = None,
 ) -> list[Prediction]:
     """Greedy answers of one system, batched; scored against the golds."""
-    requests, todo, out = [], [], {}
+    items, todo, out = [], [], {}
     for q in questions:
         docs: list[Any] = []
         if contexts is not None:
@@ -255,11 +368,9 @@ def _answer(
             if not is_relevant(docs, settings.min_relevance):
                 out[q.id] = Prediction(q.id, system, "", "", True, skipped_generation=True)
                 continue
-        requests.append(
-            ChatRequest(build_messages(q.question, docs), max_tokens=max_tokens, adapter=adapter)
-        )
+        items.append((q.id, ask.request(build_messages(q.question, docs), max_tokens)))
         todo.append((q, docs))
-    completions = engine.generate(requests)
+    completions = ask(system, items)
     for (q, docs), c in zip(todo, completions, strict=True):
         parsed = parse_answer(c.text)
         p = Prediction(q.id, system, c.text, parsed.answer, parsed.declined,
@@ -302,22 +413,10 @@ def _system_scores(preds: list[Prediction], questions: list[Question]) -> dict[s
     }
 
 
-def _sweep(
-    engine: Engine,
-    questions: list[Question],
-    hits: dict[str, list[Hit]],
-    systems: Sequence[str],
-    adapter: str | None,
-    settings: DocentSettings,
-    retriever: Retriever,
-    max_tokens: int,
-    progress: Progress,
-) -> dict[str, dict[str, float]]:
-    """Accuracy with the oracle chunk plus N distractors (the question's best non-oracle
-    hits), shuffled with the seed: how well each system ignores irrelevant documents."""
-    store = retriever.store
+def _located(questions: list[Question], retriever: Retriever) -> list[tuple[Question, Any]]:
+    """Answerable questions whose oracle chunk (the one holding the evidence) is found."""
     chunks_by_source: dict[str, list[StoredChunk]] = {}
-    for chunk in store.docstore.iter_chunks():
+    for chunk in retriever.store.docstore.iter_chunks():
         chunks_by_source.setdefault(chunk.source, []).append(chunk)
     located = []
     for q in questions:
@@ -327,10 +426,24 @@ def _sweep(
         oracle, _ = locate_evidence(row, chunks_by_source.get(q.source, []))
         if oracle is not None:
             located.append((q, oracle))
+    return located
+
+
+def _sweep(
+    ask: _Answerer,
+    located: list[tuple[Question, Any]],
+    hits: dict[str, list[Hit]],
+    systems: Sequence[str],
+    settings: DocentSettings,
+    max_tokens: int,
+    progress: Progress,
+) -> dict[str, dict[str, float]]:
+    """Accuracy with the oracle chunk plus N distractors (the question's best non-oracle
+    hits), shuffled with the seed: how well each system ignores irrelevant documents."""
     rag_systems = [s for s in systems if s.endswith("+rag")]
     out: dict[str, dict[str, float]] = {s: {} for s in rag_systems}
-    rng = random.Random(settings.seed)
     for step, n in enumerate(SWEEP, start=1):
+        rng = random.Random(f"{settings.seed}-{n}")  # the same contexts for every system
         contexts: dict[str, list[Any]] = {}
         for q, oracle in located:
             distractors = [h for h in hits[q.id] if h.chunk_id != oracle.chunk_id][:n]
@@ -339,33 +452,27 @@ def _sweep(
             contexts[q.id] = docs
         qs = [q for q, _ in located]
         for system in rag_systems:
-            use = adapter if system.startswith("raft") else None
-            preds = _answer(engine, qs, system, use, True, hits, 0, settings, max_tokens,
+            preds = _answer(ask, qs, f"{system}@sweep{n}", True, hits, 0, settings, max_tokens,
                             contexts=contexts)
             out[system][str(n)] = m.mean([p.contained for p in preds])
-        progress("sweep", step, len(SWEEP))
+        progress(f"sweep ({ask.variant.label})", step, len(SWEEP))
     return out
 
 
-def _forgetting(
-    engine: Engine, systems: Sequence[str], adapter: str | None, max_tokens: int
-) -> dict[str, float]:
-    """General-knowledge accuracy without documents, for the base model and the adapter."""
-    rows = [json.loads(line) for line in PROBES.read_text().splitlines() if line.strip()]
-    variants: dict[str, str | None] = {"base": None}
-    if adapter and any(s.startswith("raft") for s in systems):
-        variants["raft"] = adapter
-    out = {}
-    for label, name in variants.items():
-        requests = [
-            ChatRequest([{"role": "user", "content": f"Answer briefly. {r['question']}"}],
-                        max_tokens=min(max_tokens, 48), adapter=name)
-            for r in rows
-        ]
-        completions = engine.generate(requests)
-        out[label] = m.mean([
-            m.gold_contained(c.text, [r["answer"], *r.get("aliases", [])])
-            for r, c in zip(rows, completions, strict=True)
-        ])
-    out["probes"] = float(len(rows))
-    return out
+def _probes() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in PROBES.read_text().splitlines() if line.strip()]
+
+
+def _forgetting(ask: _Answerer, max_tokens: int) -> float:
+    """General-knowledge accuracy without documents, for one set of weights."""
+    rows = _probes()
+    items = [
+        (str(n), ask.request([{"role": "user", "content": f"Answer briefly. {r['question']}"}],
+                             min(max_tokens, 48)))
+        for n, r in enumerate(rows)
+    ]
+    completions = ask(f"probe:{ask.variant.label}", items)
+    return m.mean([
+        m.gold_contained(c.text, [r["answer"], *r.get("aliases", [])])
+        for r, c in zip(rows, completions, strict=True)
+    ])

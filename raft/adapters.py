@@ -9,6 +9,7 @@ Layout under ``<workspace>/adapters``::
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 from dataclasses import dataclass
@@ -36,6 +37,12 @@ class AdapterInfo:
     @property
     def base_model(self) -> str:
         return str(self.metadata.get("base_model", ""))
+
+    @property
+    def lora_rank(self) -> int:
+        """The rank PEFT saved (what an engine must reserve room for)."""
+        config = self.path / "adapter_config.json"
+        return int(json.loads(config.read_text()).get("r", 16)) if config.exists() else 16
 
 
 class AdapterRegistry:
@@ -85,6 +92,17 @@ class AdapterRegistry:
                 f"adapter {info.name!r} was trained on {info.base_model!r}, but the generator "
                 f"is {wanted!r}: set DOCENT_GENERATOR to its base or train a new adapter"
             )
+
+    def compatible(self, generator: str) -> builtins.list[AdapterInfo]:
+        """The adapters trained on ``generator``."""
+        found = []
+        for info in self.list():
+            try:
+                self.check_base(info, generator)
+            except AdapterError:
+                continue
+            found.append(info)
+        return found
 
     def promote(self, name: str, generator: str) -> AdapterInfo:
         info = self.get(name)

@@ -10,7 +10,7 @@ import threading
 from docent.engine import Engine
 from docent.settings import DocentSettings
 from docent.workspace import Workspace
-from raft.adapters import AdapterError, AdapterInfo, AdapterRegistry
+from raft.adapters import AdapterInfo, AdapterRegistry
 
 log = logging.getLogger(__name__)
 BASE = "base"
@@ -33,14 +33,7 @@ class AdapterCatalog:
         return sorted(self.loaded)
 
     def compatible(self) -> list[AdapterInfo]:
-        found = []
-        for info in self.registry.list():
-            try:
-                self.registry.check_base(info, self.settings.generator)
-            except AdapterError:
-                continue
-            found.append(info)
-        return found
+        return self.registry.compatible(self.settings.generator)
 
     def default_name(self) -> str | None:
         return self.resolve(None)

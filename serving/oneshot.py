@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from docent.engine import build_engine
 from docent.settings import DocentSettings
 from ingest.embedder import Embedder
+from raft.merge import serving_engine
 from retrieval import Filters, Retriever
 from serving.adapters import AdapterCatalog
 from serving.metrics import Metrics
@@ -24,7 +24,7 @@ def ask_once(
 ) -> Answer:
     embedder = Embedder.from_settings(settings)
     retriever = Retriever(settings, embedder=embedder)  # fails clearly when there is no index
-    engine = build_engine(settings)
+    engine = serving_engine(settings, serving=False)
     try:
         rag = RagService(settings, retriever, engine, AdapterCatalog(settings, engine), Metrics())
         return asyncio.run(rag.answer(question, k=k, filters=filters, adapter=adapter))

@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from docent.engine import Engine, build_engine
+from docent.engine import Engine
 from docent.errors import DocentError, EmptyIndexError
 from docent.progress import Progress
 from docent.settings import DocentSettings
 from docent.workspace import Workspace
 from ingest.embedder import Embedder
 from ingest.store import current_version
+from raft.merge import serving_engine
 from retrieval import Retriever
 from serving.adapters import AdapterCatalog
 from serving.jobs import JobManager
@@ -55,7 +56,7 @@ class ServingState:
         metrics = metrics or Metrics()
         embedder = embedder or Embedder.from_settings(settings)
         owns_engine = engine is None
-        engine = engine or build_engine(settings, serving=True)
+        engine = engine or serving_engine(settings, serving=True)
         adapters = AdapterCatalog(settings, engine)
         loaded = adapters.warm()
         log.info("engine %s (%s), adapters: %s", engine.model, engine.kind, loaded or "none")

