@@ -89,6 +89,7 @@ bench: setup
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/load.py
+	$(BIN)/python bench/engines.py
 
 clean:
 	rm -rf $(WORKSPACE) .pytest_cache

@@ -33,8 +33,9 @@ ENGINES = [
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_make_demo_runs_the_whole_loop(engine, tmp_path):
-    from docent.engine.factory import merges_adapters
+    from docent.engine.factory import merges_adapters, resolve_engine_kind
     from docent.hardware import summary
+    from docent.settings import DocentSettings
 
     workspace = tmp_path / "ws"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCENT_", "MAKE"))}
@@ -62,12 +63,16 @@ def test_make_demo_runs_the_whole_loop(engine, tmp_path):
     report = (workspace / "reports" / latest["folder"] / "report.md").read_text()
     assert f"engine {engine}" in report and "cores" in report
 
-    # The adapter that answered is the one trained and promoted here; on vLLM-CPU it ran as
-    # merged weights, written at promotion.
+    # The adapter that answered is the one trained and promoted here. Promotion wrote merged
+    # weights where the default engine runs adapters merged (vLLM on a CPU); the eval on vLLM
+    # ran from them.
     registry = json.loads((workspace / "adapters" / "registry.json").read_text())
     assert latest["adapter"] == registry["promoted"]
+    ran_as = "merged" if merges_adapters(engine) else "lora"
+    assert latest["settings"]["adapter_weights"] == ran_as
     merged = workspace / "adapters" / registry["promoted"] / "merged" / "config.json"
-    assert merged.exists() == merges_adapters(engine)
+    default_kind = resolve_engine_kind(DocentSettings())
+    assert merged.exists() == (merges_adapters(engine) or merges_adapters(default_kind))
 
     # `docent ask` printed an answer with where it came from.
     assert "SmolLM2" in done.stdout and registry["promoted"] in done.stdout

@@ -45,6 +45,8 @@ def vllm_server(tmp_path_factory, handbook_settings):
         # torch, and greedy text drifts apart after a few words on a 700-token prompt.
         "DOCENT_DTYPE": "float32",
         "VLLM_CPU_KVCACHE_SPACE": "1",
+        # torch.compile costs 2-3 minutes of a 2-core start; what is tested here is the same.
+        "DOCENT_VLLM_EAGER": "1",
         "PYTHONPATH": str(ROOT),
     }
     log = (root / "server.log").open("w")
