@@ -26,7 +26,7 @@ from typing import Any
 
 from docent.engine import ChatRequest, Completion, Engine
 from docent.engine.base import EngineUnavailableError
-from docent.engine.factory import resolve_engine_kind
+from docent.engine.factory import merges_adapters, resolve_engine_kind
 from docent.errors import ConfigError, DocentError
 from docent.hardware import auto_dtype, describe
 from docent.progress import Progress, no_progress
@@ -274,7 +274,9 @@ def run_eval(
     result = EvalResult(
         settings={"k": k, "split": split, "limit": limit, "max_tokens": max_tokens,
                   "generator": settings.generator, "engine": kind, "dtype": dtype,
-                  "adapter_weights": "merged" if _merges(kind) else "lora",
+                  # A given engine gets the adapter as LoRA; one built here may run it merged.
+                  "adapter_weights": "merged" if engine is None and merges_adapters(kind)
+                  else "lora",
                   "qa_file": str(qa_file), "hardware": describe(),
                   "answers_reused": cache.hits, "answers_generated": cache.stored},
         adapter=info.name if info else None,
@@ -289,12 +291,6 @@ def run_eval(
     )
     result.seconds = round(time.perf_counter() - started, 1)
     return result
-
-
-def _merges(kind: str) -> bool:
-    from docent.engine.factory import merges_adapters
-
-    return merges_adapters(kind)
 
 
 @contextlib.contextmanager
