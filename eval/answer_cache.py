@@ -70,8 +70,5 @@ class AnswerCache:
         self.db.commit()
         self.stored += len(rows)
 
-    def count(self) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
-
     def close(self) -> None:
         self.db.close()

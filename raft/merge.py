@@ -27,19 +27,11 @@ log = logging.getLogger(__name__)
 MERGED = "merged"
 
 
-def merged_path(info: AdapterInfo) -> Path:
-    return info.path / MERGED
-
-
-def has_merged(info: AdapterInfo) -> bool:
-    return (merged_path(info) / "config.json").exists()
-
-
 def merged_weights(info: AdapterInfo, settings: DocentSettings) -> Path:
     """The folder of ``info`` merged into the generator's weights, written now if missing.
     Written to a staging folder and renamed into place, so a crash leaves no half model."""
-    target = merged_path(info)
-    if has_merged(info):
+    target = info.path / MERGED
+    if (target / "config.json").exists():
         return target
     import torch
     from peft import PeftModel

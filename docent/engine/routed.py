@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 
 from docent.engine.base import ChatRequest, Completion, Engine, Progress, StreamDelta
 
 log = logging.getLogger(__name__)
-BASE = None  # a request's adapter when it asks for the base model
 
 
 class RoutedEngine(Engine):
@@ -49,7 +49,7 @@ class RoutedEngine(Engine):
         if request.adapter == self.primary_adapter:
             if request.adapter is None:
                 return self.primary, request
-            return self.primary, _with_adapter(request, None)
+            return self.primary, replace(request, adapter=None)
         return self.fallback(), request
 
     def add_adapter(self, name: str, path: str) -> None:
@@ -96,9 +96,3 @@ class RoutedEngine(Engine):
         self.primary.close()
         if self._fallback is not None:
             self._fallback.close()
-
-
-def _with_adapter(request: ChatRequest, adapter: str | None) -> ChatRequest:
-    from dataclasses import replace
-
-    return replace(request, adapter=adapter)
