@@ -15,6 +15,8 @@ import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
+from docent.prompts import ANSWER_PREFIX, parse_answer
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCT = set(string.punctuation) | {"“", "”", "‘", "’", "«", "»", "–", "—", "…"}
 
@@ -47,6 +49,20 @@ def token_f1(prediction: str, golds: Sequence[str]) -> float:
         precision, recall = common / len(pred), common / len(ref)
         best = max(best, 2 * precision * recall / (precision + recall))
     return best
+
+
+_FIRST_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])|\n")
+
+
+def final_answer(output: str) -> str:
+    """What an output commits to as its answer: the ``<ANSWER>:`` line, or, for output with
+    no such line, its first sentence. Scoring only this keeps an output from counting by
+    rambling through every candidate (the headline metric of ``docent eval``)."""
+    parsed = parse_answer(output)
+    if ANSWER_PREFIX in output:
+        return parsed.answer
+    text = output.strip()
+    return _FIRST_SENTENCE.split(text, maxsplit=1)[0].strip() if text else ""
 
 
 def gold_contained(prediction: str, golds: Sequence[str]) -> float:
