@@ -111,8 +111,12 @@ def main() -> None:
             name="bench",
             embedder=embedder,
         )
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(generator_path())
         rows = [
-            to_prompt_completion(r) for r in load_examples(tmp / "ws" / "raft" / "bench", "train")
+            to_prompt_completion(r, tokenizer)
+            for r in load_examples(tmp / "ws" / "raft" / "bench", "train")
         ]
         gflops = matmul_gflops()
         from transformers import AutoModelForCausalLM

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 BEGIN_QUOTE = "##begin_quote##"
 END_QUOTE = "##end_quote##"
@@ -117,6 +117,20 @@ def build_messages(
         *({"role": m["role"], "content": neutralise(m["content"])} for m in history),
         {"role": "user", "content": user_message(question, docs)},
     ]
+
+
+def chat_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
+    """The text a model is prompted with: the chat template with the assistant turn opened.
+    Every engine that renders prompts itself and training (raft/train.py) call this one
+    function, so the tokens a model is trained after are the tokens it is served after."""
+    return str(tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=True))
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """:func:`chat_prompt` as token ids. The template writes its own special tokens, so none
+    are added (a second BOS would shift every position the model was trained at)."""
+    return list(tokenizer.encode(chat_prompt(tokenizer, messages), add_special_tokens=False))
 
 
 def quote(text: str) -> str:

@@ -26,6 +26,7 @@ from docent.errors import ConfigError
 from docent.hardware import cpu_has_bf16, describe, summary
 from docent.models import generator_id, generator_path
 from docent.progress import Progress, no_progress
+from docent.prompts import chat_prompt
 from docent.settings import DocentSettings
 from docent.workspace import Workspace
 from raft import show
@@ -52,12 +53,21 @@ class TrainResult:
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def to_prompt_completion(record: dict[str, Any]) -> dict[str, Any]:
-    """A RAFT record as TRL's conversational prompt/completion pair (loss on completion)."""
-    if "prompt" in record:
-        return {"prompt": record["prompt"], "completion": record["completion"]}
-    messages = record["messages"]
-    return {"prompt": messages[:-1], "completion": messages[-1:]}
+def to_prompt_completion(record: dict[str, Any], tokenizer: Any) -> dict[str, str]:
+    """A RAFT record as the text pair TRL trains on: the prompt exactly as every engine renders
+    it (:func:`docent.prompts.chat_prompt`) and the answer, to which TRL appends the EOS token.
+    The loss then covers the answer and its end-of-turn token and nothing else; TRL's
+    conversational form also trained on the newline the template writes after the turn, and
+    left the prompt's rendering to TRL instead of to the function serving uses."""
+    messages = record["messages"] if "messages" in record else [
+        *record["prompt"], *record["completion"]
+    ]
+    if messages[-1]["role"] != "assistant":
+        raise ConfigError(f"RAFT record {record.get('id')!r} does not end with an answer")
+    return {
+        "prompt": chat_prompt(tokenizer, messages[:-1]),
+        "completion": messages[-1]["content"],
+    }
 
 
 def _device_plan(settings: DocentSettings) -> tuple[bool, bool]:
@@ -118,10 +128,8 @@ def train_adapter(
     progress: Progress = no_progress,
     callbacks: list[Any] | None = None,
 ) -> TrainResult:
-    from datasets import Dataset
-    from transformers import AutoTokenizer, EarlyStoppingCallback
+    from transformers import AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
-    from trl import SFTConfig, SFTTrainer
 
     ws = Workspace(settings.workspace).ensure()
     adapters_dir = ws.adapters_dir
@@ -135,8 +143,14 @@ def train_adapter(
     cuda, bf16 = _device_plan(settings)
     folder = show.resolve(ws.raft_dir, dataset)
     manifest = show.load_manifest(folder)
-    train_rows = [to_prompt_completion(r) for r in show.load_examples(folder, "train")]
-    val_rows = [to_prompt_completion(r) for r in show.load_examples(folder, "validation")]
+    base_path = generator_path(settings.generator, settings.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_rows = [to_prompt_completion(r, tokenizer) for r in show.load_examples(folder, "train")]
+    val_rows = [
+        to_prompt_completion(r, tokenizer) for r in show.load_examples(folder, "validation")
+    ]
     if not train_rows:
         raise ConfigError(f"RAFT set {folder.name} has no training examples")
     name = name or f"{folder.name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
@@ -150,74 +164,10 @@ def train_adapter(
         json.dumps({"name": name, "dataset": folder.name, "settings": train_fields})
     )
 
-    base_path = generator_path(settings.generator, settings.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model = _load_base(base_path, settings, cuda, bf16)
-    from peft import LoraConfig
-
-    named = settings.train_target_modules
-    targets: str | list[str] = named
-    if named != "all-linear":
-        targets = [t.strip() for t in named.split(",") if t.strip()]
-    peft_config = LoraConfig(
-        r=settings.train_lora_r,
-        lora_alpha=settings.train_lora_alpha,
-        lora_dropout=settings.train_lora_dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
-    has_val = bool(val_rows)
-    pack = cuda if settings.train_packing is None else settings.train_packing
-    config = SFTConfig(
-        output_dir=str(run_dir),
-        num_train_epochs=settings.train_epochs,
-        max_steps=settings.train_max_steps or -1,
-        learning_rate=settings.train_lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=_warmup_steps(settings, len(train_rows)),
-        per_device_train_batch_size=settings.train_batch_size,
-        per_device_eval_batch_size=settings.train_batch_size,
-        gradient_accumulation_steps=settings.train_grad_accum,
-        max_length=settings.train_max_length,
-        # GPU: best-fit-decreasing packing into max_length rows, padding-free (varlen kernels
-        # make that the fastest). CPU: a packed row needs an explicit block mask, which made a
-        # forward+backward pass 1.5x slower than a padded batch, so batches are grouped by
-        # length instead and pad little.
-        packing=pack,
-        packing_strategy="bfd",
-        padding_free=pack,
-        train_sampling_strategy="random" if pack else "group_by_length",
-        completion_only_loss=True,
-        logging_steps=1,
-        eval_strategy="steps" if has_val else "no",
-        eval_steps=settings.train_eval_steps,
-        save_strategy="steps",
-        save_steps=settings.train_eval_steps,
-        save_total_limit=2,
-        load_best_model_at_end=has_val,
-        metric_for_best_model="eval_loss" if has_val else None,
-        greater_is_better=False,
-        bf16=bf16,
-        use_cpu=not cuda,
-        seed=settings.seed,
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding",
-    )
-    all_callbacks = [_progress_callback(progress), *(callbacks or [])]
-    if has_val:
-        all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.train_patience))
-    trainer = SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(val_rows) if has_val else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=all_callbacks,
+    trainer = make_trainer(
+        settings, model, tokenizer, train_rows, val_rows, run_dir,
+        cuda=cuda, bf16=bf16, callbacks=[_progress_callback(progress), *(callbacks or [])],
     )
     checkpoint = get_last_checkpoint(str(run_dir)) if resume else None
     started = time.perf_counter()
@@ -281,6 +231,89 @@ def train_adapter(
     shutil.rmtree(run_dir, ignore_errors=True)
     AdapterRegistry(adapters_dir)  # the folder is the registration; promotion is explicit
     return result
+
+
+def make_trainer(
+    settings: DocentSettings,
+    model: Any,
+    tokenizer: Any,
+    train_rows: list[dict[str, str]],
+    val_rows: list[dict[str, str]],
+    run_dir: Path,
+    *,
+    cuda: bool = False,
+    bf16: bool = False,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """The TRL trainer ``train_adapter`` runs: LoRA on ``model``, loss on the completions.
+    Tests build it too, to check what it trains on against what the engines are prompted with."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import EarlyStoppingCallback
+    from trl import SFTConfig, SFTTrainer
+
+    named = settings.train_target_modules
+    targets: str | list[str] = named
+    if named != "all-linear":
+        targets = [t.strip() for t in named.split(",") if t.strip()]
+    peft_config = LoraConfig(
+        r=settings.train_lora_r,
+        lora_alpha=settings.train_lora_alpha,
+        lora_dropout=settings.train_lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    has_val = bool(val_rows)
+    pack = cuda if settings.train_packing is None else settings.train_packing
+    config = SFTConfig(
+        output_dir=str(run_dir),
+        num_train_epochs=settings.train_epochs,
+        max_steps=settings.train_max_steps or -1,
+        learning_rate=settings.train_lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=_warmup_steps(settings, len(train_rows)),
+        per_device_train_batch_size=settings.train_batch_size,
+        per_device_eval_batch_size=settings.train_batch_size,
+        gradient_accumulation_steps=settings.train_grad_accum,
+        max_length=settings.train_max_length,
+        # GPU: best-fit-decreasing packing into max_length rows, padding-free (varlen kernels
+        # make that the fastest). CPU: a packed row needs an explicit block mask, which made a
+        # forward+backward pass 1.5x slower than a padded batch, so batches are grouped by
+        # length instead and pad little.
+        packing=pack,
+        packing_strategy="bfd",
+        padding_free=pack,
+        train_sampling_strategy="random" if pack else "group_by_length",
+        completion_only_loss=True,
+        logging_steps=1,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=settings.train_eval_steps,
+        save_strategy="steps",
+        save_steps=settings.train_eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss" if has_val else None,
+        greater_is_better=False,
+        bf16=bf16,
+        use_cpu=not cuda,
+        seed=settings.seed,
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+    )
+    all_callbacks = list(callbacks or [])
+    if has_val:
+        all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.train_patience))
+    return SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(val_rows) if has_val else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=all_callbacks,
+    )
 
 
 def _warmup_steps(settings: DocentSettings, examples: int) -> int:

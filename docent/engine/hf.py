@@ -37,6 +37,7 @@ from docent.engine.base import (
     StreamDelta,
 )
 from docent.hardware import cpu_has_bf16
+from docent.prompts import chat_prompt
 
 log = logging.getLogger(__name__)
 REPLACEMENT = "\ufffd"  # what decode() shows for the first bytes of a multi-byte character
@@ -328,11 +329,7 @@ class HFEngine(Engine):
 
     # The model ---------------------------------------------------------------------------
     def _prompt(self, request: ChatRequest) -> str:
-        return str(
-            self.tokenizer.apply_chat_template(
-                request.messages, tokenize=False, add_generation_prompt=True
-            )
-        )
+        return chat_prompt(self.tokenizer, request.messages)
 
     def _run(
         self,

@@ -43,6 +43,7 @@ from docent.engine.base import (
 )
 from docent.engine.hf import StreamText
 from docent.engine.vllm_engine import engine_options
+from docent.prompts import prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class AsyncVLLMEngine(Engine):
         if llm is None:
             raise EngineUnavailableError("the vllm engine was closed")
         lora = self._lora(request.adapter)
-        prompt_ids = self._encode(request)
+        ids = prompt_ids(self.tokenizer, request.messages)
         params = SamplingParams(
             max_tokens=request.max_tokens,
             temperature=request.temperature,
@@ -161,7 +162,7 @@ class AsyncVLLMEngine(Engine):
             # see the same prompt, token for token. render_cmpl_async is vLLM's non-deprecated
             # way in for a prompt (it wraps the ids as an engine input).
             (engine_input,) = await llm.renderer.render_cmpl_async(
-                [TokensPrompt(prompt_token_ids=prompt_ids)]
+                [TokensPrompt(prompt_token_ids=ids)]
             )
             outputs = llm.generate(engine_input, params, request_id, lora_request=lora)
             async with contextlib.aclosing(outputs) as results:
@@ -185,7 +186,7 @@ class AsyncVLLMEngine(Engine):
                     await llm.abort(request_id)
         completion = Completion(
             text=raw.strip(),
-            prompt_tokens=len(prompt_ids),
+            prompt_tokens=len(ids),
             completion_tokens=n_tokens,
             finish_reason=finish or "stop",
             model=self.model,
@@ -287,12 +288,6 @@ class AsyncVLLMEngine(Engine):
         self._private.start()
         started.wait()
         return loop
-
-    def _encode(self, request: ChatRequest) -> list[int]:
-        prompt = self.tokenizer.apply_chat_template(
-            request.messages, tokenize=False, add_generation_prompt=True
-        )
-        return list(self.tokenizer.encode(str(prompt), add_special_tokens=False))
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

@@ -13,6 +13,7 @@ from typing import Any
 
 from docent.engine.base import ChatRequest, Completion, Engine, EngineUnavailableError, Progress
 from docent.hardware import cpu_has_bf16
+from docent.prompts import prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,11 @@ class VLLMEngine(Engine):
         for adapter, idx in by_adapter.items():
             lora = self._lora(adapter)
             try:
-                outputs = self.llm.chat(
-                    [requests[i].messages for i in idx],
+                # Token ids rendered by the same chat_prompt training uses (not vLLM's own
+                # template rendering), so the served prompt is the trained one to the token.
+                outputs = self.llm.generate(
+                    [{"prompt_token_ids": prompt_ids(self.tokenizer, requests[i].messages)}
+                     for i in idx],
                     [self._params(requests[i]) for i in idx],
                     lora_request=lora,
                     use_tqdm=False,
