@@ -3,31 +3,18 @@ values, so each can be checked on hand-made cases.
 
 Answer normalisation follows SQuAD's evaluation script (lowercase, punctuation and the
 articles a/an/the removed, whitespace collapsed), with Unicode letters kept and accents and
-compatibility forms folded (NFKD), so "Café" and "cafe" match.
+compatibility forms folded (NFKD), so "Café" and "cafe" match. It lives in
+``serving.attribution`` with ``final_answer``, because serving attributes answers to
+sentences by the same rules eval scores them with.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import string
-import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
-from docent.prompts import ANSWER_PREFIX, parse_answer
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-_PUNCT = set(string.punctuation) | {"“", "”", "‘", "’", "«", "»", "–", "—", "…"}
-
-
-def normalize_answer(text: str) -> str:
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(ch for ch in text if not unicodedata.combining(ch))
-    text = text.lower()
-    text = "".join(" " if ch in _PUNCT else ch for ch in text)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+from serving.attribution import final_answer, normalize_answer
 
 
 def exact_match(prediction: str, golds: Sequence[str]) -> float:
@@ -51,20 +38,6 @@ def token_f1(prediction: str, golds: Sequence[str]) -> float:
     return best
 
 
-_FIRST_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])|\n")
-
-
-def final_answer(output: str) -> str:
-    """What an output commits to as its answer: the ``<ANSWER>:`` line, or, for output with
-    no such line, its first sentence. Scoring only this keeps an output from counting by
-    rambling through every candidate (the headline metric of ``docent eval``)."""
-    parsed = parse_answer(output)
-    if ANSWER_PREFIX in output:
-        return parsed.answer
-    text = output.strip()
-    return _FIRST_SENTENCE.split(text, maxsplit=1)[0].strip() if text else ""
-
-
 def gold_contained(prediction: str, golds: Sequence[str]) -> float:
     """1 if a normalised gold answer appears in the normalised prediction, on word bounds
     ("72 hours" is in "links last 72 hours", "7" is not in "72")."""
@@ -74,6 +47,14 @@ def gold_contained(prediction: str, golds: Sequence[str]) -> float:
         if ref and f" {ref} " in pred:
             return 1.0
     return 0.0
+
+
+def final_answer_scores(output: str, golds: Sequence[str]) -> tuple[float, float, float]:
+    """Exact match, token F1 and gold containment (the headline accuracy) of what ``output``
+    commits to (``final_answer``): the ``<ANSWER>:`` line, or the first sentence without one.
+    A gold the output mentions only in passing ("... or maybe 72 hours") does not count."""
+    answer = final_answer(output)
+    return exact_match(answer, golds), token_f1(answer, golds), gold_contained(answer, golds)
 
 
 # Retrieval --------------------------------------------------------------------------------

@@ -12,16 +12,21 @@ from pathlib import Path
 from eval.runner import EvalResult
 
 COLUMNS = [
-    ("accuracy", "accuracy (gold in answer)"),
-    ("exact_match", "EM"),
-    ("f1", "F1"),
+    ("accuracy", "accuracy (gold in final answer)"),
+    ("exact_match", "EM (final answer)"),
+    ("f1", "F1 (final answer)"),
+    ("accuracy_whole_output", "gold anywhere in output"),
     ("answer_rate", "answer rate"),
     ("precision", "precision when answering"),
     ("declined_unanswerable", "declined unanswerable"),
     ("quotes_grounded", "quotes found in context"),
+    ("answers_with_citation", "answers with a citation"),
+    ("ungrounded_answers", "answers no document supports"),
     ("cited_gold_source", "cited the gold source"),
     ("completion_tokens", "tokens / answer"),
 ]
+# What the headline and the first column count; printed under the table and in the headline.
+FINAL_ANSWER = "the `<ANSWER>:` line, or the first sentence of an output without one"
 
 
 def pct(value: float) -> str:
@@ -33,8 +38,11 @@ def table(result: EvalResult) -> str:
     rule = "|---|" + "---:|" * len(COLUMNS)
     rows = []
     for system, scores in result.systems.items():
+        # .get: an eval.json written before a column existed still prints (as 0).
         cells = [
-            f"{scores[key]:.0f}" if key == "completion_tokens" else pct(scores[key])
+            f"{scores.get(key, 0.0):.0f}"
+            if key == "completion_tokens"
+            else pct(scores.get(key, 0.0))
             for key, _ in COLUMNS
         ]
         rows.append(f"| {system} | " + " | ".join(cells) + " |")
@@ -45,11 +53,14 @@ def headline(result: EvalResult) -> list[str]:
     lines = []
     s = result.systems
     if "raft+rag" in s and "base+rag" in s:
-        gain = 100 * (s["raft+rag"]["accuracy"] - s["base+rag"]["accuracy"])
+        raft, base = s["raft+rag"], s["base+rag"]
+        gain = 100 * (raft["accuracy"] - base["accuracy"])
         lines.append(
-            f"RAFT+RAG vs base+RAG: {pct(s['raft+rag']['accuracy'])} vs "
-            f"{pct(s['base+rag']['accuracy'])} accuracy ({gain:+.1f} points); "
-            f"RAFT+RAG quotes found in its context: {pct(s['raft+rag']['quotes_grounded'])}."
+            f"RAFT+RAG vs base+RAG: {pct(raft['accuracy'])} vs {pct(base['accuracy'])} "
+            f"accuracy, gold in the final answer ({gain:+.1f} points); gold anywhere in the "
+            f"output: {pct(raft.get('accuracy_whole_output', 0.0))} vs "
+            f"{pct(base.get('accuracy_whole_output', 0.0))}; "
+            f"RAFT+RAG quotes found in its context: {pct(raft['quotes_grounded'])}."
         )
     if result.forgetting.get("raft") is not None:
         f = result.forgetting
@@ -85,7 +96,11 @@ def _plots(result: EvalResult, folder: Path) -> list[Path]:
     made = []
     systems = list(result.systems)
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    keys = [("accuracy", "accuracy"), ("f1", "F1"), ("quotes_grounded", "quotes grounded")]
+    keys = [
+        ("accuracy", "accuracy (final answer)"),
+        ("f1", "F1"),
+        ("quotes_grounded", "quotes grounded"),
+    ]
     width = 0.8 / len(keys)
     for i, (key, label) in enumerate(keys):
         xs = [j + i * width for j in range(len(systems))]
@@ -133,8 +148,13 @@ def markdown(result: EvalResult, plots: list[Path]) -> str:
         "",
         table(result),
         "",
-        "Accuracy counts every answerable question (declining is wrong); precision only the "
-        "answered ones. Closed-book systems get the trained template with no documents.",
+        f"Accuracy, EM and F1 score the final answer only ({FINAL_ANSWER}), so an output "
+        'cannot score by rambling through every candidate; "gold anywhere in output" is the '
+        "lenient figure that counts a gold mentioned anywhere. Accuracy counts every answerable "
+        'question (declining is wrong); precision, citations and "answers no document '
+        'supports" only the answered ones. A citation is a quote found in a retrieved chunk or '
+        "the retrieved sentence Docent attributes the answer to, as served answers show. "
+        "Closed-book systems get the trained template with no documents.",
     ]
     if r:
         parts += [
@@ -148,7 +168,7 @@ def markdown(result: EvalResult, plots: list[Path]) -> str:
         ]
     if result.sweep:
         ns = list(next(iter(result.sweep.values())))
-        parts += ["", "## Distractor sweep (oracle + N distractors)", "",
+        parts += ["", "## Distractor sweep (oracle + N distractors; gold in the final answer)", "",
                   "| system | " + " | ".join(f"N={n}" for n in ns) + " |",
                   "|---|" + "---:|" * len(ns)]
         for system, points in result.sweep.items():

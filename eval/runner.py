@@ -7,8 +7,12 @@ Four systems answer the same questions with the same retrieval and the same gree
 - ``raft``: the RAFT-tuned adapter, closed book;
 - ``raft+rag``: the adapter with the same chunks: what ``docent serve`` answers with.
 
-RAG systems decline without asking the model when retrieval finds nothing relevant, exactly
-as serving does. A distractor sweep gives each RAG system the oracle chunk plus N of the
+RAG systems decline without asking the model when retrieval finds nothing relevant, and tie
+answers to their evidence (quotes, or the retrieved sentence that states the answer), exactly
+as serving does: an answer no retrieved chunk supports is flagged ungrounded, and declined when
+``decline_ungrounded`` is "always" (the rule plain ``/v1/ask`` follows). Accuracy, EM and F1
+score the final answer only (``metrics.final_answer``); gold anywhere in the output is kept as
+a secondary figure. A distractor sweep gives each RAG system the oracle chunk plus N of the
 question's top non-oracle hits, and a forgetting probe asks general-knowledge questions of
 base and tuned model without documents.
 """
@@ -30,7 +34,7 @@ from docent.engine.factory import merges_adapters, resolve_engine_kind
 from docent.errors import ConfigError, DocentError
 from docent.hardware import auto_dtype, describe
 from docent.progress import Progress, no_progress
-from docent.prompts import build_messages, parse_answer
+from docent.prompts import DECLINE_ANSWER, build_messages, parse_answer
 from docent.settings import DocentSettings
 from docent.workspace import Workspace
 from eval import metrics as m
@@ -41,7 +45,7 @@ from raft.adapters import AdapterInfo, AdapterRegistry
 from raft.build import locate_evidence
 from raft.merge import engine_for_adapter
 from retrieval import Hit, Retriever
-from serving.rag import cite, is_relevant
+from serving.rag import declines_ungrounded, ground, is_relevant
 
 SYSTEMS = ("base", "base+rag", "raft", "raft+rag")
 PROBES = Path(__file__).parent / "probes" / "general.jsonl"
@@ -72,12 +76,14 @@ class Prediction:
     raw: str
     answer: str
     declined: bool
-    em: float = 0.0
+    em: float = 0.0  # EM, F1 and contained score the final answer (metrics.final_answer)
     f1: float = 0.0
     contained: float = 0.0
+    contained_whole: float = 0.0  # a gold anywhere in the raw output (the old figure)
     quotes: int = 0
     quotes_found: int = 0
-    cited_source: str | None = None
+    cited_source: str | None = None  # the first citation's, quoted or attributed
+    ungrounded: bool = False  # RAG systems: no retrieved chunk supports the answer
     completion_tokens: int = 0
     skipped_generation: bool = False
 
@@ -353,7 +359,8 @@ def _answer(
     max_tokens: int,
     contexts: dict[str, list[Any]] | None = None,
 ) -> list[Prediction]:
-    """Greedy answers of one system, batched; scored against the golds."""
+    """Greedy answers of one system, batched; tied to their evidence as serving does (the
+    decline rule of a plain question, chat mode None); scored against the golds."""
     items, todo, out = [], [], {}
     for q in questions:
         docs: list[Any] = []
@@ -367,21 +374,25 @@ def _answer(
         items.append((q.id, ask.request(build_messages(q.question, docs), max_tokens)))
         todo.append((q, docs))
     completions = ask(system, items)
+    decline = declines_ungrounded(settings.decline_ungrounded, None)
     for (q, docs), c in zip(todo, completions, strict=True):
         parsed = parse_answer(c.text)
-        p = Prediction(q.id, system, c.text, parsed.answer, parsed.declined,
-                       completion_tokens=c.completion_tokens)
+        p = Prediction(q.id, system, c.text, m.final_answer(c.text),
+                       parsed.declined or not parsed.answer, completion_tokens=c.completion_tokens)
         if docs:
             p.quotes = len(parsed.quotes)
             p.quotes_found = sum(m.quote_found(x, [d.text for d in docs]) for x in parsed.quotes)
-            citations, _ = cite(parsed.quotes, docs)
-            p.cited_source = citations[0].source if citations else None
+            evidence = ground(q.question, p.answer, p.declined, parsed.quotes, docs)
+            p.cited_source = evidence.citations[0].source if evidence.citations else None
+            p.ungrounded = evidence.ungrounded
+            if p.ungrounded and decline:
+                p.answer, p.declined = DECLINE_ANSWER, True
         out[q.id] = p
     for q in questions:
         p = out[q.id]
         if q.answerable and not p.declined:
-            p.em, p.f1 = m.exact_match(p.answer, q.golds), m.token_f1(p.answer, q.golds)
-            p.contained = m.gold_contained(p.answer, q.golds)
+            p.em, p.f1, p.contained = m.final_answer_scores(p.raw, q.golds)
+            p.contained_whole = m.gold_contained(p.raw, q.golds)
     return [out[q.id] for q in questions]
 
 
@@ -393,10 +404,12 @@ def _system_scores(preds: list[Prediction], questions: list[Question]) -> dict[s
     quotes = sum(p.quotes for p in preds)
     cited = [p for p in answered if p.cited_source is not None]
     return {
-        # Accuracy is over every answerable question: declining counts as wrong.
+        # Accuracy is over every answerable question: declining counts as wrong. It, EM and
+        # F1 score the final answer; accuracy_whole_output counts a gold anywhere in the output.
         "accuracy": m.mean([p.contained for p in answerable]),
         "exact_match": m.mean([p.em for p in answerable]),
         "f1": m.mean([p.f1 for p in answerable]),
+        "accuracy_whole_output": m.mean([p.contained_whole for p in answerable]),
         "answer_rate": len(answered) / len(answerable) if answerable else 0.0,
         "precision": m.mean([p.contained for p in answered]),
         "declined_unanswerable": m.mean([float(p.declined) for p in unanswerable]),
@@ -405,11 +418,12 @@ def _system_scores(preds: list[Prediction], questions: list[Question]) -> dict[s
             [float(p.cited_source == by_id[p.qid].source) for p in cited]
         ),
         "answers_with_citation": len(cited) / len(answered) if answered else 0.0,
+        "ungrounded_answers": m.mean([float(p.ungrounded) for p in answered]),
         "completion_tokens": m.mean([float(p.completion_tokens) for p in preds]),
     }
 
 
-def _located(questions: list[Question], retriever: Retriever) -> list[tuple[Question, Any]]:
+def _located(questions: list[Question], retriever: Retriever) -> list[tuple[Question, Hit]]:
     """Answerable questions whose oracle chunk (the one holding the evidence) is found."""
     chunks_by_source: dict[str, list[StoredChunk]] = {}
     for chunk in retriever.store.docstore.iter_chunks():
@@ -421,13 +435,31 @@ def _located(questions: list[Question], retriever: Retriever) -> list[tuple[Ques
         row = {"evidence": q.evidence, "answer": q.golds[0]}
         oracle, _ = locate_evidence(row, chunks_by_source.get(q.source, []))
         if oracle is not None:
-            located.append((q, oracle))
+            located.append((q, _oracle_hit(oracle)))
     return located
+
+
+def _oracle_hit(chunk: StoredChunk) -> Hit:
+    """A stored chunk in the shape of a retrieval hit, so a citation of it names its section
+    and page like any other (a bare StoredChunk has neither)."""
+    meta = chunk.metadata
+    return Hit(
+        chunk_id=chunk.chunk_id,
+        vector_id=chunk.vector_id,
+        score=1.0,
+        text=chunk.text,
+        source=chunk.source,
+        title=meta.get("title"),
+        section=meta.get("section"),
+        page=meta.get("page"),
+        collection=str(meta.get("collection", "default")),
+        metadata=meta,
+    )
 
 
 def _sweep(
     ask: _Answerer,
-    located: list[tuple[Question, Any]],
+    located: list[tuple[Question, Hit]],
     hits: dict[str, list[Hit]],
     systems: Sequence[str],
     settings: DocentSettings,
@@ -460,7 +492,9 @@ def _probes() -> list[dict[str, Any]]:
 
 
 def _forgetting(ask: _Answerer, max_tokens: int) -> float:
-    """General-knowledge accuracy without documents, for one set of weights."""
+    """General-knowledge accuracy without documents, for one set of weights. It counts a gold
+    anywhere in the output, unlike the headline: the probe asks for a short free answer with no
+    ``<ANSWER>:`` format, and a tuned and a base model are compared with the same rule."""
     rows = _probes()
     items = [
         (str(n), ask.request([{"role": "user", "content": f"Answer briefly. {r['question']}"}],

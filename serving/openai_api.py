@@ -4,8 +4,9 @@ augmented, so an existing chat integration (or the official ``openai`` client) w
 Model names: ``docent`` is the served default (the promoted adapter), ``docent:base`` the base
 model, ``docent:NAME`` an adapter. The conversation is in the request, as OpenAI clients
 expect; nothing is stored but the answer (for feedback). The message content is the final
-answer plus a "Sources:" line; Docent's own fields (answer id, citations, reasoning) ride in
-a ``docent`` object that OpenAI clients keep as an extra field.
+answer plus a "Sources:" line (or a line saying no document supports it); Docent's own fields
+(answer id, citations, reasoning, ``ungrounded``) ride in a ``docent`` object that OpenAI
+clients keep as an extra field.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
 from docent.errors import DocentError
-from docent.prompts import ANSWER_PREFIX
+from docent.prompts import ANSWER_PREFIX, DECLINE_ANSWER, format_answer
 from serving.auth import Principal, require_user
-from serving.rag import Answer
+from serving.rag import UNSUPPORTED, Answer, declines_ungrounded
 from serving.routes_answer import check_limits, filters_of, remember, state_of
 from serving.schemas import ChatCompletionBody, DocentOptions, OAIMessage
 
@@ -75,13 +76,29 @@ def split_conversation(
     return text_of(messages[-1]), history, system or None
 
 
+UNGROUNDED_LINE = "\n\nSources: none of the retrieved documents supports this answer."
+
+
 def content_for(answer: Answer, options: DocentOptions) -> str:
-    text = answer.raw if options.include_reasoning else answer.answer
-    return text + sources_line(answer, options)
+    return final_text(answer, options.include_reasoning) + sources_line(answer, options)
+
+
+def final_text(answer: Answer, raw: bool) -> str:
+    """The answer, or with ``raw`` the whole RAFT output; a withheld ungrounded answer's raw
+    output ends with the model's answer, so Docent's decline follows it."""
+    if not raw:
+        return answer.answer
+    if answer.declined and answer.ungrounded:
+        return f"{answer.raw}\n\n{format_answer(UNSUPPORTED, DECLINE_ANSWER)}"
+    return answer.raw
 
 
 def sources_line(answer: Answer, options: DocentOptions) -> str:
-    if not options.sources_in_content or not answer.citations:
+    if not options.sources_in_content:
+        return ""
+    if answer.ungrounded and not answer.declined:
+        return UNGROUNDED_LINE  # never let an unsupported answer look sourced
+    if not answer.citations:
         return ""
     seen: list[str] = []
     for c in answer.citations:
@@ -98,6 +115,7 @@ def docent_extra(answer: Answer) -> dict[str, Any]:
         "reasoning": answer.reasoning,
         "declined": answer.declined,
         "grounded": answer.grounded,
+        "ungrounded": answer.ungrounded,
         "citations": [c.as_dict() for c in answer.citations],
         "adapter": answer.adapter,
     }
@@ -175,7 +193,10 @@ async def chat_completions(
 
     async def stream() -> AsyncIterator[str]:
         yield chunk({"role": "assistant", "content": ""})
-        shaper = AnswerStreamer(raw=options.include_reasoning)
+        # Where an ungrounded answer would be declined, the answer line is held back until
+        # the evidence is checked: a client must never be streamed the answer it then loses.
+        hold = declines_ungrounded(state.settings.decline_ungrounded, options.mode)
+        shaper = AnswerStreamer(raw=options.include_reasoning, hold=hold)
         try:
             async for event in events:
                 if event.kind == "delta":
@@ -210,16 +231,20 @@ async def chat_completions(
 class AnswerStreamer:
     """Turns the model's RAFT output (reasoning, quotes, then ``<ANSWER>: ...``) into a stream
     of the final answer only: text is held back until the answer marker appears, then passed
-    through up to the end of the answer's line. The streamed pieces always join to exactly
-    the non-streamed content."""
+    through up to the end of the answer's line. With ``hold`` the answer comes whole at the end
+    (it may yet be replaced by a decline); the raw output streams either way, since a decline
+    is appended to it. The streamed pieces always join to exactly the non-streamed content."""
 
-    def __init__(self, raw: bool = False) -> None:
+    def __init__(self, raw: bool = False, hold: bool = False) -> None:
         self.raw = raw
+        self.hold = hold
         self.buffer = ""
         self.sent = ""
 
     def feed(self, text: str) -> str:
         self.buffer += text
+        if self.hold and not self.raw:
+            return ""
         if self.raw:
             # Hold back surrounding whitespace: the final text is stripped.
             shown = self.buffer.strip()
@@ -234,7 +259,7 @@ class AnswerStreamer:
         return self._send(shown[len(self.sent) :]) if shown.startswith(self.sent) else ""
 
     def finish(self, answer: Answer) -> str:
-        final = answer.raw if self.raw else answer.answer
+        final = final_text(answer, self.raw)
         if final.startswith(self.sent):
             return self._send(final[len(self.sent) :])
         return ""  # cannot happen with a consistent engine; never send text twice

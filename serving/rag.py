@@ -1,5 +1,8 @@
 """Retrieval-augmented answering: retrieve, prompt with the trained template, generate, parse
-the RAFT answer and tie each quote back to the chunk it came from.
+the RAFT answer and tie it to its evidence: each quote to the chunk it came from, and an answer
+the model did not quote to the retrieved sentence that states it (``serving.attribution``).
+An answer that nothing retrieved supports is flagged ``ungrounded``, and declined where the
+``decline_ungrounded`` setting says so.
 
 Every endpoint (``/v1/ask``, ``/v1/chat``, ``/v1/chat/completions``) goes through
 ``RagService.stream``, so they retrieve, prompt and cite the same way.
@@ -8,10 +11,11 @@ Every endpoint (``/v1/ask``, ``/v1/chat``, ``/v1/chat/completions``) goes throug
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from docent.engine import ChatRequest, Completion, Engine
 from docent.errors import EmptyIndexError
@@ -28,9 +32,14 @@ from retrieval import Filters, Hit, Retriever
 from retrieval.fusion import reciprocal_rank_fusion
 from serving.adapters import AdapterCatalog
 from serving.admission import Admission
+from serving.attribution import attribute, final_answer, supports
 from serving.metrics import Metrics
 
+log = logging.getLogger(__name__)
 NOTHING_RELEVANT = "No document in the knowledge base is relevant to this question."
+UNSUPPORTED = (
+    "No retrieved document supports the answer the model gave, so Docent does not pass it on."
+)
 
 
 @dataclass
@@ -40,8 +49,11 @@ class Citation:
     source: str
     section: str | None
     page: int | None
-    quote: str
+    quote: str  # the model's quote, or for "attributed" the chunk's sentence that states it
     score: float
+    # "quote": the model quoted it verbatim; "attributed": the model did not quote (or its
+    # quotes do not state the answer) and Docent found the sentence that does.
+    kind: Literal["quote", "attributed"] = "quote"
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -64,11 +76,14 @@ class Answer:
     completion_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds
     id: str = ""
+    # No retrieved chunk supports the model's answer. With ``declined`` Docent withheld it
+    # (``decline_ungrounded``); ``raw`` still holds what the model said.
+    ungrounded: bool = False
 
     @property
     def grounded(self) -> bool:
-        """Quotes were given and every one of them is in a retrieved chunk."""
-        return bool(self.citations) and not self.unsupported_quotes
+        """The answer is supported by a citation and every quote is in a retrieved chunk."""
+        return bool(self.citations) and not self.unsupported_quotes and not self.ungrounded
 
 
 @dataclass
@@ -181,7 +196,7 @@ class RagService:
                 self.metrics.answers.labels("no_context").inc()
                 yield StreamEvent("delta", text=raw)
                 canned = Completion(raw, 0, 0, "stop", self.engine.model, adapter_name)
-                answer = self._answer(question, retrieved, canned, started, 0.0, None)
+                answer = self._answer(question, retrieved, canned, started, 0.0, None, mode)
                 yield StreamEvent("answer", answer=answer)
                 return
             request = ChatRequest(
@@ -209,8 +224,10 @@ class RagService:
             self.metrics.generation.observe(gen_s)
             self.metrics.tokens.labels("prompt").inc(completion.prompt_tokens)
             self.metrics.tokens.labels("completion").inc(completion.completion_tokens)
-            answer = self._answer(question, retrieved, completion, started, gen_s * 1000, first)
-            self.metrics.answers.labels("declined" if answer.declined else "answered").inc()
+            answer = self._answer(
+                question, retrieved, completion, started, gen_s * 1000, first, mode, earlier
+            )
+            self.metrics.answers.labels(_outcome(answer)).inc()
             yield StreamEvent("answer", answer=answer)
 
     async def answer(self, question: str, **kwargs: Any) -> Answer:
@@ -228,9 +245,21 @@ class RagService:
         started: float,
         generation_ms: float,
         first_token_s: float | None,
+        mode: str | None,
+        earlier_questions: Sequence[str] = (),
     ) -> Answer:
         parsed = parse_answer(completion.text)
-        citations, unsupported = cite(parsed.quotes, retrieved.hits)
+        declined = parsed.declined or not parsed.answer
+        # A follow-up ("how long does it stay valid?") names little itself: judge what a
+        # sentence is about against the conversation, as retrieval does.
+        asked = " ".join([*earlier_questions[-2:], question])
+        evidence = ground(
+            asked, final_answer(completion.text), declined, parsed.quotes, retrieved.hits
+        )
+        text, reasoning = parsed.answer or DECLINE_ANSWER, parsed.reasoning
+        if evidence.ungrounded and declines_ungrounded(self.settings.decline_ungrounded, mode):
+            log.info("declined an answer no retrieved chunk supports: %r", parsed.answer[:200])
+            text, reasoning, declined = DECLINE_ANSWER, UNSUPPORTED, True
         timings = {
             "retrieval_ms": round(retrieved.ms, 1),
             "generation_ms": round(generation_ms, 1),
@@ -240,11 +269,11 @@ class RagService:
             timings["first_token_ms"] = round(1000 * first_token_s, 1)
         return Answer(
             question=question,
-            answer=parsed.answer or DECLINE_ANSWER,
-            reasoning=parsed.reasoning,
-            declined=parsed.declined or not parsed.answer,
-            citations=citations,
-            unsupported_quotes=unsupported,
+            answer=text,
+            reasoning=reasoning,
+            declined=declined,
+            citations=evidence.citations,
+            unsupported_quotes=evidence.unsupported_quotes,
             hits=retrieved.hits,
             model=completion.model,
             adapter=completion.adapter,
@@ -253,7 +282,23 @@ class RagService:
             prompt_tokens=completion.prompt_tokens,
             completion_tokens=completion.completion_tokens,
             timings=timings,
+            ungrounded=evidence.ungrounded,
         )
+
+
+def _outcome(answer: Answer) -> str:
+    """The ``docent_answers`` label: ungrounded answers are counted apart, given or withheld."""
+    if answer.ungrounded:
+        return "withheld_ungrounded" if answer.declined else "ungrounded"
+    return "declined" if answer.declined else "answered"
+
+
+def declines_ungrounded(setting: str, mode: str | None) -> bool:
+    """Whether an ungrounded answer to a request in chat ``mode`` (None: a plain question) is
+    replaced by a decline, under the ``decline_ungrounded`` setting."""
+    if setting not in ("never", "support", "always"):
+        raise ValueError(f"decline_ungrounded={setting!r}: use never, support or always")
+    return setting == "always" or (setting == "support" and mode == "support")
 
 
 def default_max_active(settings: DocentSettings, engine: Engine) -> int:
@@ -294,3 +339,31 @@ def cite(quotes: Sequence[str], hits: Sequence[Hit]) -> tuple[list[Citation], li
         h = hits[at]
         citations.append(Citation(at + 1, h.chunk_id, h.source, h.section, h.page, q, h.score))
     return citations, unsupported
+
+
+@dataclass
+class Evidence:
+    citations: list[Citation]
+    unsupported_quotes: list[str]
+    ungrounded: bool  # an answer (not a decline) that no citation supports
+
+
+def ground(
+    question: str, answer: str, declined: bool, quotes: Sequence[str], hits: Sequence[Hit]
+) -> Evidence:
+    """The evidence for an answer: its quotes tied to chunks (``cite``), and, when no quote
+    states the answer, the retrieved sentence that does, as an "attributed" citation. An
+    answer neither supports is ungrounded; a decline never is (it claims nothing). ``answer``
+    is what the output commits to (``final_answer``), the same text eval scores."""
+    citations, unsupported = cite(quotes, hits)
+    if declined or any(supports(c.quote, answer) for c in citations):
+        return Evidence(citations, unsupported, False)
+    found = attribute(answer, hits, question)
+    if found is None:
+        return Evidence(citations, unsupported, True)
+    h = hits[found.document]
+    citations.append(
+        Citation(found.document + 1, h.chunk_id, h.source, h.section, h.page, found.sentence,
+                 h.score, kind="attributed")
+    )
+    return Evidence(citations, unsupported, False)

@@ -58,6 +58,7 @@ def answer_out(answer: Answer, session_id: str | None = None) -> AnswerOut:
         reasoning=answer.reasoning,
         declined=answer.declined,
         grounded=answer.grounded,
+        ungrounded=answer.ungrounded,
         citations=[c.as_dict() for c in answer.citations],  # type: ignore[misc]
         unsupported_quotes=answer.unsupported_quotes,
         chunks=[chunk_out(h) for h in answer.hits],  # type: ignore[misc]

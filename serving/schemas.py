@@ -49,8 +49,16 @@ class CitationOut(BaseModel):
     source: str
     section: str | None
     page: int | None
-    quote: str
+    quote: str = Field(
+        description="The model's verbatim quote, or for kind 'attributed' the retrieved "
+        "sentence that states the answer."
+    )
     score: float
+    kind: Literal["quote", "attributed"] = Field(
+        default="quote",
+        description="quote: the model quoted the chunk; attributed: the model did not quote "
+        "(or its quotes do not state the answer) and Docent found the supporting sentence.",
+    )
 
 
 class ChunkOut(BaseModel):
@@ -71,6 +79,12 @@ class AnswerOut(BaseModel):
     reasoning: str
     declined: bool
     grounded: bool
+    ungrounded: bool = Field(
+        default=False,
+        description="No retrieved chunk supports the model's answer (no supporting quote, no "
+        "sentence stating it). With declined=true Docent withheld that answer "
+        "(DOCENT_DECLINE_UNGROUNDED).",
+    )
     citations: list[CitationOut]
     unsupported_quotes: list[str]
     chunks: list[ChunkOut]

@@ -32,6 +32,32 @@ def test_answer_matching(pred, golds, em, contained):
     assert m.gold_contained(pred, golds) == contained
 
 
+@pytest.mark.parametrize(
+    ("output", "final"),
+    [
+        ("Links last 3 days. Or maybe 72 hours.", "Links last 3 days."),
+        ("So ##begin_quote##valid for 72 hours##end_quote##\n<ANSWER>: 72 hours", "72 hours"),
+        ("first line\nsecond line with 72 hours", "first line"),
+        ("<ANSWER>:", ""),
+        ("   ", ""),
+    ],
+)
+def test_final_answer_is_the_answer_line_or_the_first_sentence(output, final):
+    assert m.final_answer(output) == final
+
+
+def test_the_headline_counts_a_gold_only_in_the_final_answer():
+    golds = ["72 hours", "3 days"]
+    rambling = "Invitations expire after a week. Some say 72 hours, others 3 days."
+    assert m.final_answer_scores(rambling, golds) == (0.0, 0.0, 0.0)
+    assert m.gold_contained(rambling, golds) == 1.0  # the lenient, whole-output figure
+    committed = "The guide says they expire.\n<ANSWER>: 72 hours"
+    assert m.final_answer_scores(committed, golds) == (1.0, 1.0, 1.0)
+    wordy = "Links are valid for 72 hours. Then they expire."
+    em, f1, contained = m.final_answer_scores(wordy, golds)
+    assert (em, contained) == (0.0, 1.0) and 0.0 < f1 < 1.0
+
+
 def test_token_f1_takes_the_best_gold():
     assert m.token_f1("up to 25 people", ["25", "25 people"]) == pytest.approx(2 / 3)
     assert m.token_f1("", ["25"]) == 0.0
@@ -195,3 +221,117 @@ def test_a_dead_vllm_engine_is_one_line_with_cause_and_fix():
     assert "timed out" in message and "--engine hf" in message
     assert "DOCENT_VLLM_MAX_BATCHED_TOKENS" in message
     assert not is_engine_death(ValueError("prompt is longer than max_model_len"))
+
+
+# Scoring as `docent eval` does it, on a scripted engine and hand-made hits -----------------
+INVITE_TEXT = (
+    "# Inviting your team\n\nInvitation links to a workspace are valid for 72 hours, after "
+    "which the person must be invited again. You can invite up to 25 people at once."
+)
+SCRIPT = {
+    # Quotes its evidence and commits to the answer.
+    "How long is an invitation link valid?": (
+        "##begin_quote##valid for 72 hours##end_quote##\n<ANSWER>: 72 hours"
+    ),
+    # No quote, no answer line: the first sentence is the answer, and a sentence states it.
+    "How many people can I invite at once?": "You can invite 25 people. Or maybe 30.",
+    # Rambles to the gold only in its second sentence, and states nothing retrieved.
+    "Who approves a refund?": "The finance team decides. The support lead or the CEO may too.",
+    "What colour is the office?": "<ANSWER>: I don't know: the documents do not say.",
+}
+
+
+class ScriptedEngine:
+    """Answers each question with its scripted reply (found in the last user message)."""
+
+    kind, model = "scripted", "scripted"
+
+    def generate(self, requests, progress=None):
+        from docent.engine import Completion
+
+        out = []
+        for r in requests:
+            asked = r.messages[-1]["content"].rsplit("Question: ", 1)[-1]
+            out.append(Completion(SCRIPT[asked], 10, 5, "stop", self.model))
+        return out
+
+
+def _eval_answers(tmp_path, decline: str = "support"):
+    from docent.settings import DocentSettings
+    from eval.answer_cache import AnswerCache
+    from eval.runner import Question, _answer, _Answerer, _system_scores, _Variant
+    from retrieval import Hit
+
+    settings = DocentSettings(workspace=tmp_path / "ws", decline_ungrounded=decline)
+    hits = [
+        Hit("c1", 1, 0.9, INVITE_TEXT, "getting-started.md", None, "Inviting", None, "default"),
+        Hit("c2", 2, 0.5, "Refunds take 5 days.", "billing.md", None, "Refunds", None, "default"),
+    ]
+    questions = [
+        Question("q1", "How long is an invitation link valid?", ["72 hours"],
+                 "getting-started.md", None, True),
+        Question("q2", "How many people can I invite at once?", ["25"],
+                 "getting-started.md", None, True),
+        Question("q3", "Who approves a refund?", ["the CEO"], "billing.md", None, True),
+        Question("q4", "What colour is the office?", [], None, None, False),
+    ]
+    cache = AnswerCache(tmp_path / "answers.sqlite", {"generator": "scripted"})
+    ask = _Answerer(ScriptedEngine(), None, _Variant("base", ["base+rag"]), cache, fresh=False)
+    try:
+        preds = _answer(ask, questions, "base+rag", True, {q.id: hits for q in questions}, 2,
+                        settings, 32)
+    finally:
+        cache.close()
+    return {p.qid: p for p in preds}, _system_scores(preds, questions)
+
+
+def test_eval_scores_final_answers_and_ties_them_to_evidence_as_serving_does(tmp_path):
+    preds, scores = _eval_answers(tmp_path)
+    assert [preds[q].contained for q in ("q1", "q2", "q3")] == [1.0, 1.0, 0.0]
+    assert preds["q3"].contained_whole == 1.0  # "the CEO" only in its second sentence
+    assert preds["q2"].answer == "You can invite 25 people."
+    assert scores["accuracy"] == pytest.approx(2 / 3)
+    assert scores["accuracy_whole_output"] == pytest.approx(1.0)
+    assert scores["precision"] == pytest.approx(2 / 3)
+    # q1 quoted, q2 is attributed to the sentence that states it, q3 is supported by nothing.
+    assert [preds[q].cited_source for q in ("q1", "q2", "q3")] == [
+        "getting-started.md", "getting-started.md", None,
+    ]
+    assert [preds[q].ungrounded for q in ("q1", "q2", "q3", "q4")] == [False, False, True, False]
+    assert scores["answers_with_citation"] == pytest.approx(2 / 3)
+    assert scores["ungrounded_answers"] == pytest.approx(1 / 3)
+    assert scores["cited_gold_source"] == 1.0
+    assert scores["declined_unanswerable"] == 1.0
+
+
+def test_eval_declines_ungrounded_answers_when_plain_questions_would(tmp_path):
+    preds, scores = _eval_answers(tmp_path, decline="always")
+    assert preds["q3"].declined and preds["q3"].ungrounded
+    assert preds["q3"].answer.startswith("I don't know")
+    assert preds["q3"].contained_whole == 0.0  # a declined answer scores nothing
+    assert scores["answer_rate"] == pytest.approx(2 / 3)
+    assert scores["ungrounded_answers"] == 0.0  # what users get: no ungrounded answer left
+    assert scores["accuracy"] == pytest.approx(2 / 3) and scores["precision"] == 1.0
+
+
+def test_the_report_names_the_headline_and_the_lenient_figure(tmp_path):
+    from eval.report import COLUMNS, _html, headline, markdown
+    from eval.runner import EvalResult
+
+    keys = [key for key, _ in COLUMNS]
+    assert keys[:4] == ["accuracy", "exact_match", "f1", "accuracy_whole_output"]
+    assert {"answers_with_citation", "ungrounded_answers"} <= set(keys)
+    base = dict.fromkeys(keys, 0.5) | {"accuracy": 0.4, "accuracy_whole_output": 0.7}
+    raft = dict.fromkeys(keys, 0.5) | {"accuracy": 0.55, "accuracy_whole_output": 0.6}
+    result = EvalResult(
+        settings={"k": 3, "split": "test", "max_tokens": 32, "qa_file": "qa.jsonl"},
+        adapter="a", questions=5, answerable=4, unanswerable=1, retrieval={},
+        systems={"base+rag": base, "raft+rag": raft},
+    )
+    line = headline(result)[0]
+    assert "55.0% vs 40.0% accuracy, gold in the final answer (+15.0 points)" in line
+    assert "gold anywhere in the output: 60.0% vs 70.0%" in line
+    md = markdown(result, [])
+    assert "| system | accuracy (gold in final answer) | EM (final answer) |" in md
+    assert "gold anywhere in output" in md and "answers no document supports" in md
+    assert "<th>gold anywhere in output</th>" in _html(md, [])

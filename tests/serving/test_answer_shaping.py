@@ -53,6 +53,24 @@ def test_a_stream_without_the_answer_marker_sends_it_whole_at_the_end():
     assert shaper.finish(_answer("Just some text")) == "Just some text"
 
 
+def test_a_held_stream_sends_only_the_final_answer_and_a_withheld_one_never():
+    from docent.prompts import DECLINE_ANSWER
+    from serving.openai_api import final_text
+
+    raw = "Links last a week.\n<ANSWER>: 7 days"
+    held = AnswerStreamer(hold=True)
+    assert [held.feed(raw[i : i + 4]) for i in range(0, len(raw), 4)] == [""] * 9
+    withheld = _answer(raw)
+    withheld.answer, withheld.declined, withheld.ungrounded = DECLINE_ANSWER, True, True
+    assert held.finish(withheld) == DECLINE_ANSWER
+    # The whole output, when asked for, still ends with Docent's decline, not the model's.
+    shaper = AnswerStreamer(raw=True, hold=True)
+    pieces = [shaper.feed(raw[i : i + 4]) for i in range(0, len(raw), 4)]
+    pieces.append(shaper.finish(withheld))
+    assert "".join(pieces) == final_text(withheld, raw=True)
+    assert final_text(withheld, raw=True).endswith(f"<ANSWER>: {DECLINE_ANSWER}")
+
+
 def test_api_keys_parse_and_match_in_constant_time():
     ring = KeyRing(" alice-key-1234 , root-key-5678:admin ,")
     assert ring.enabled

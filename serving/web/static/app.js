@@ -307,7 +307,10 @@
       const badges = this.part(".badges");
       badges.replaceChildren();
       if (answer.declined) badges.append(badge("Declined", "declined", "declined-badge"));
-      else if (answer.grounded) badges.append(badge("Grounded", "grounded", "grounded-badge"));
+      else if (answer.ungrounded) {
+        // No retrieved passage states this answer: say so rather than pass it off as sourced.
+        badges.append(badge("Not supported by the documents", "ungrounded", "ungrounded-badge"));
+      } else if (answer.grounded) badges.append(badge("Grounded", "grounded", "grounded-badge"));
       else if ((answer.unsupported_quotes || []).length) {
         badges.append(badge("Unverified quotes", "unverified", "unverified-badge"));
       } else badges.append(badge("No quotes", "unquoted", "unquoted-badge"));
@@ -337,7 +340,16 @@
         button.addEventListener("click", () => this.toggleChunk(chunk, c.quote, button));
         const quote = document.createElement("blockquote");
         quote.textContent = c.quote;
-        li.append(button, quote);
+        li.append(button);
+        if (c.kind === "attributed") {
+          // The model did not quote this; Docent found the sentence that states its answer.
+          li.dataset.kind = "attributed";
+          const label = document.createElement("span");
+          label.className = "label";
+          label.textContent = " supporting sentence (found by Docent, not quoted)";
+          li.append(label);
+        }
+        li.append(quote);
         list.append(li);
       }
       for (const q of answer.unsupported_quotes || []) {
