@@ -85,7 +85,12 @@ def _fail(message: str, code: int = 1) -> None:
 class _RichProgress:
     """Adapts the stages' ``progress(stage, done, total)`` callback to rich bars."""
 
-    LABELS = {"read": "Reading & chunking", "embed": "Embedding", "index": "Indexing"}
+    LABELS = {
+        "read": "Reading & chunking",
+        "embed": "Embedding",
+        "index": "Indexing",
+        "tune": "Candidates",
+    }
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
@@ -353,11 +358,26 @@ def train(
     name: Annotated[str | None, typer.Option(help="Adapter name.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run.")] = False,
     merge: Annotated[bool, typer.Option(help="Also write a merged full model.")] = False,
-    promote: Annotated[bool, typer.Option(help="Promote the adapter when done.")] = False,
+    promote: Annotated[
+        bool,
+        typer.Option(
+            help="Promote the adapter when done, if its validation accuracy beats the promoted "
+            "adapter and base+RAG by DOCENT_PROMOTE_MARGIN."
+        ),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option(help="With --promote: promote even when the validation gate says no.")
+    ] = False,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="Engine answering the validation questions: auto, vllm, hf or openai."),
+    ] = None,
 ) -> None:
     """Fine-tune the base model on a RAFT set with LoRA; the adapter joins the registry."""
     from raft.train import train_adapter
 
+    if force and not promote:
+        _fail("--force only changes what --promote does: add --promote")
     settings = _settings(
         ctx,
         generator=base,
@@ -372,19 +392,120 @@ def train(
         train_max_length=max_length,
         train_eval_steps=eval_steps,
         train_qlora=qlora or None,
+        engine=engine,
     )
     result = _run_stage(
         train_adapter, settings, dataset=dataset, name=name, resume=resume, merge=merge
     )
-    if promote:
-        _promote(settings, result.name)
+    promoted = promote and _gated_promote(settings, result.name, result.dataset, force)
     out.print(f"[bold]{result.name}[/] → {result.path}")
     out.print(
         f"{result.steps} steps in {result.seconds}s ({result.tokens_per_s} tokens/s); "
         f"train loss {result.train_loss_first} → {result.train_loss_last}; "
         f"best validation loss {result.best_eval_loss}"
     )
-    out.print(f"report: {result.path}/report.md" + (" · promoted" if promote else ""))
+    out.print(f"report: {result.path}/report.md" + (" · promoted" if promoted else ""))
+
+
+@app.command()
+def tune(
+    ctx: typer.Context,
+    dataset: Annotated[str | None, typer.Option(help="RAFT set name (default: latest).")] = None,
+    lr: Annotated[
+        str | None, typer.Option(help="Learning rates, comma-separated (default 1e-3,3e-4).")
+    ] = None,
+    epochs: Annotated[
+        str | None, typer.Option(help="Epoch counts, comma-separated (default 1,2).")
+    ] = None,
+    rank: Annotated[
+        str | None, typer.Option(help="LoRA ranks, comma-separated (default 16).")
+    ] = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Another axis, FIELD=V1,V2 for any train_* or raft_* setting (repeatable), "
+            "e.g. --grid raft_p_oracle=0.8,1.0 (a raft_* axis builds a RAFT set per value)."
+        ),
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop each candidate after N steps.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per step.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per row.")] = None,
+    budget_minutes: Annotated[
+        float | None,
+        typer.Option(help="Start no candidate that would end after this many minutes."),
+    ] = None,
+    patience: Annotated[
+        int | None, typer.Option(help="Stop after N candidates in a row without a better one.")
+    ] = None,
+    val_questions: Annotated[
+        int | None, typer.Option(help="Validation questions each candidate answers.")
+    ] = None,
+    margin: Annotated[
+        float | None, typer.Option(help="Promotion margin over the live adapter and base+RAG.")
+    ] = None,
+    keep_all: Annotated[
+        bool, typer.Option("--keep-all", help="Keep every candidate, not only the best.")
+    ] = False,
+    promote: Annotated[
+        bool, typer.Option(help="Promote the best if it passes the validation gate.")
+    ] = True,
+    force: Annotated[
+        bool, typer.Option(help="Promote the best even when the gate says no.")
+    ] = False,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="Engine answering the validation questions: auto, vllm, hf or openai."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Grid search over training settings, each candidate scored by validation ANSWER
+    accuracy (retrieval + the tuned model); the best is kept and, if it beats the live
+    adapter and base+RAG, promoted. A report with a table and a plot goes to reports/."""
+    from eval.tune import grid_axes, run_tune
+    from eval.tune_report import results_table
+
+    if force and not promote:
+        _fail("--force promotes past the gate, but --no-promote asks for no promotion: drop one")
+    settings = _settings(
+        ctx,
+        train_max_steps=max_steps,
+        train_batch_size=batch_size,
+        train_max_length=max_length,
+        tune_patience=patience,
+        tune_val_questions=val_questions,
+        promote_margin=margin,
+        engine=engine,
+    )
+    try:
+        axes = grid_axes(grid or [], lr=lr, epochs=epochs, rank=rank)
+    except DocentError as exc:
+        _fail(str(exc))
+    result = _run_stage(
+        run_tune,
+        settings,
+        axes,
+        dataset=dataset,
+        budget_minutes=budget_minutes,
+        keep_all=keep_all,
+        promote=promote,
+        force=force,
+    )
+    if not as_json:
+        out.print(results_table(result))
+        out.print(
+            f"{len(result.candidates)} of {result.planned} candidates in {result.seconds:.0f} s "
+            f"({result.stopped}); base+RAG {100 * result.base_rag:.1f}%; "
+            f"best [bold]{result.best}[/]"
+        )
+    if result.decision is not None and result.best is not None:
+        # With --json, stdout carries the JSON only: the decision goes to stderr.
+        _apply_decision(settings, result.best, result.decision, console if as_json else out)
+    if as_json:
+        out.print_json(json.dumps(result.as_dict(), default=str))
+        return
+    out.print(f"report: {result.folder}/report.md")
 
 
 adapters_app = typer.Typer(help="The adapter registry.", no_args_is_help=True)
@@ -430,7 +551,8 @@ def adapters_show(ctx: typer.Context, name: Annotated[str, typer.Argument()]) ->
 
 @adapters_app.command("promote")
 def adapters_promote(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> None:
-    """Make an adapter the one serving uses by default."""
+    """Make an adapter the one serving uses by default. An operator's explicit choice: not
+    gated by validation accuracy (`train --promote` and `tune` are)."""
     _promote(ctx.obj, name)
     out.print(f"promoted [bold]{name}[/]")
 
@@ -450,6 +572,37 @@ def _promote(settings: DocentSettings, name: str) -> None:
         raise  # unreachable
     if merged:
         out.print(f"[dim]merged weights for vLLM on this CPU: {merged}[/]", soft_wrap=True)
+
+
+def _gated_promote(settings: DocentSettings, name: str, dataset: str, force: bool) -> bool:
+    """Promote ``name`` only if its validation accuracy (on ``dataset``'s validation split)
+    beats the promoted adapter and base+RAG by the margin, or with ``force``; say why."""
+    from eval.promotion import judge_candidate
+    from eval.validation import prepare_validation
+
+    try:
+        with _progress() as progress:
+            vset = prepare_validation(settings, dataset)
+            decision = judge_candidate(
+                settings, name, vset, force=force, progress=_RichProgress(progress)
+            )
+    except DocentError as exc:
+        _fail(f"{name} is trained but not promoted: scoring it on validation failed: {exc}")
+        raise  # unreachable
+    return _apply_decision(settings, name, decision)
+
+
+def _apply_decision(
+    settings: DocentSettings, name: str, decision: Any, echo: Console = out
+) -> bool:
+    """Say what the promotion gate decided, and promote when it says so."""
+    if not decision.promote:
+        echo.print(f"[yellow]not promoted[/] {name}: {decision.reason}", soft_wrap=True)
+        return False
+    _promote(settings, name)
+    label = "promoted despite the gate" if decision.forced else "promoted"
+    echo.print(f"[bold]{label}[/] {name}: {decision.reason}", soft_wrap=True)
+    return True
 
 
 @adapters_app.command("rollback")

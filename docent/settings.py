@@ -103,14 +103,24 @@ class DocentSettings(BaseSettings):
     raft_hard_negatives: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Share of distractors that are hard negatives."
     )
-    raft_answer_style: Literal["auto", "extractive", "teacher"] = Field(
-        default="auto", description="auto: extractive for the local teacher, teacher for a URL."
+    raft_answer_style: Literal["auto", "rules", "extractive", "teacher"] = Field(
+        default="auto",
+        description="Who writes the questions. rules: Docent, from the documents alone (no "
+        "LLM); extractive: the local model phrases questions for spans Docent picks; teacher: "
+        "a remote model (--teacher URL) writes questions and reasoning. auto: rules, or teacher "
+        "for a URL.",
     )
     raft_verify_k: int = Field(
         default=5,
         ge=1,
         le=100,
         description="A generated question must retrieve its chunk in top-k.",
+    )
+    raft_cot_format: Literal["reasoning", "quote", "answer_first"] = Field(
+        default="reasoning",
+        description="What a target answer says before its <ANSWER>: line. reasoning: the "
+        "paper's chain of thought; quote: the quoted evidence sentence only; answer_first: "
+        "the answer, then its quote.",
     )
     raft_format: Literal["chat", "completion", "hf"] = "chat"
     raft_split: tuple[float, float, float] = (0.8, 0.1, 0.1)
@@ -138,6 +148,27 @@ class DocentSettings(BaseSettings):
     )
     train_qlora: bool = Field(default=False, description="4-bit base (bitsandbytes, CUDA only).")
 
+    # Choosing adapters by their answers (docent tune, train --promote).
+    tune_val_questions: int = Field(
+        default=48,
+        ge=1,
+        le=10_000,
+        description="Validation questions (deduplicated, picked by seed) an adapter is scored "
+        "on by answer accuracy, for `docent tune` and gated promotion.",
+    )
+    tune_patience: int = Field(
+        default=3,
+        ge=1,
+        description="`docent tune` stops after N candidates in a row that do not beat the best.",
+    )
+    promote_margin: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=1.0,
+        description="A new adapter is promoted only when its validation accuracy beats both the "
+        "promoted adapter and base+RAG by this much (0.02 = 2 points).",
+    )
+
     # Serving (docent serve).
     host: str = Field(default="127.0.0.1", description="Address the API listens on.")
     port: int = Field(default=8000, ge=0, le=65535)
@@ -157,6 +188,12 @@ class DocentSettings(BaseSettings):
         le=1.0,
         description="Best dense cosine below this = nothing relevant: decline without asking "
         "the model (0.35 sits between off-topic questions, <=0.31, and handbook ones, >=0.45).",
+    )
+    decline_ungrounded: Literal["never", "support", "always"] = Field(
+        default="support",
+        description="Replace an answer that no retrieved chunk supports (no supporting quote, "
+        "no sentence stating it) by a decline: never (only flag it `ungrounded`), support (in "
+        "support-mode chats), always (every answer, and `docent eval`'s RAG systems).",
     )
     max_question_chars: int = Field(default=4000, ge=1)
     max_k: int = Field(default=20, ge=1, le=200)

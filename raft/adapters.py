@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,17 @@ class AdapterRegistry:
         state["promoted"] = history[-1] if history else None
         self._save(state)
         return self.promoted()
+
+    def remove(self, name: str) -> None:
+        """Delete an adapter. The promoted one, and any a rollback could return to, are kept."""
+        info = self.get(name)
+        state = self._state()
+        if name == state.get("promoted") or name in state.get("history", []):
+            raise AdapterError(
+                f"adapter {name!r} is promoted or in the promotion history (a rollback may "
+                "return to it): it is kept"
+            )
+        shutil.rmtree(info.path)
 
     def update_metadata(self, name: str, **fields: Any) -> None:
         info = self.get(name)

@@ -188,13 +188,19 @@ def test_train_then_manage_adapters(tmp_path):
         "--name",
         "u1",
         "--promote",
+        "--force",  # one step rarely beats base+RAG: the gate is tested in raft/test_tune.py
+        "--engine",
+        "hf",
     )
     assert trained.exit_code == 0, trained.output
     assert "u1" in trained.stdout and "promoted" in trained.stdout
+    assert "validation accuracy u1" in trained.stdout and "base+RAG" in trained.stdout
     listed = _run("--workspace", ws, "adapters", "list")
     assert listed.exit_code == 0 and "★" in listed.stdout and "u1" in listed.stdout
     shown = json.loads(_run("--workspace", ws, "adapters", "show", "u1").stdout)
     assert shown["promoted"] and shown["dataset"] == "units"
+    (scored,) = shown["validation_scores"].values()
+    assert scored["questions"] >= 1 and scored["base_rag_accuracy"] is not None
     back = _run("--workspace", ws, "adapters", "rollback")
     assert back.exit_code == 0 and "base model serves" in back.stdout
     bad = _run("--workspace", ws, "adapters", "promote", "missing")
