@@ -80,11 +80,28 @@ def extractive_answer(
     return make_answer(question, span, sentence, source)
 
 
-def make_answer(question: str, answer: str, sentence: str, source: str) -> Answer:
-    reasoning = (
-        f"The question asks: {question.strip()} The document from {source} answers it: "
-        f"{quote(sentence)} So the answer is {answer}."
-    )
+COT_FORMATS = ("reasoning", "quote", "answer_first")
+
+
+def make_answer(
+    question: str, answer: str, sentence: str, source: str, fmt: str = "reasoning"
+) -> Answer:
+    """The target answer. Every format quotes the evidence verbatim and ends with the
+    ``<ANSWER>:`` line; they differ in what comes first. ``reasoning``: the paper's chain of
+    thought (restate, quote, conclude); ``quote``: the quoted sentence only; ``answer_first``:
+    the answer, then the quote that supports it. Small models learn short chains more easily
+    (ablated by bench/raft_gain.py)."""
+    if fmt == "quote":
+        reasoning = quote(sentence)
+    elif fmt == "answer_first":
+        reasoning = f"{answer}. {quote(sentence)}"
+    elif fmt == "reasoning":
+        reasoning = (
+            f"The question asks: {question.strip()} The document from {source} answers it: "
+            f"{quote(sentence)} So the answer is {answer}."
+        )
+    else:
+        raise ValueError(f"unknown answer format {fmt!r}: use one of {', '.join(COT_FORMATS)}")
     return Answer(answer=answer, quote=sentence, cot=format_answer(reasoning, answer))
 
 

@@ -26,7 +26,7 @@ from docent.workspace import Workspace
 from ingest.docstore import StoredChunk
 from ingest.embedder import Embedder
 from ingest.store import KnowledgeStore
-from raft import answers, questions, spans
+from raft import answers, questions, rule_questions, spans
 from raft.cache import ChunkResult, GenerationCache
 from raft.dataset import (
     SPLITS,
@@ -48,6 +48,7 @@ BUILDING = "BUILDING.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 RAFT_FIELDS = (
     "raft_questions_per_chunk",
+    "raft_cot_format",
     "raft_distractors",
     "raft_p_oracle",
     "raft_refusal_fraction",
@@ -97,9 +98,11 @@ def teacher_id(settings: DocentSettings) -> str:
 
 
 def answer_style(settings: DocentSettings) -> str:
+    """``rules`` (questions written by Docent's rules, no LLM) unless a remote teacher is
+    given: the embedded 135M teacher got no question of its own accepted."""
     if settings.raft_answer_style != "auto":
         return settings.raft_answer_style
-    return "teacher" if resolve_engine_kind(settings) == "openai" else "extractive"
+    return "teacher" if resolve_engine_kind(settings) == "openai" else "rules"
 
 
 def _cache_path(raft_dir: Path, settings: DocentSettings) -> Path:
@@ -179,9 +182,11 @@ def build_raft_set(
     todo = [c for c in targets if cache.get(c.chunk_id, c.text_hash) is None]
     report.chunks_generated, report.chunks_reused = len(todo), len(targets) - len(todo)
     embedder = embedder or Embedder.from_settings(settings)
-    if todo:
-        owned = engine is None
-        engine = engine or build_engine(settings)
+    rules = answer_style(settings) == "rules"
+    cross: list[QAItem] = []
+    if todo or (rules and targets):
+        owned = engine is None and not rules  # rule questions need no model
+        engine = build_engine(settings) if owned else engine
         from retrieval import Retriever
 
         retriever = Retriever(settings, embedder=embedder)
@@ -192,14 +197,23 @@ def build_raft_set(
             return any(h.chunk_id == chunk.chunk_id for h in hits)
 
         try:
-            _generate(engine, todo, cache, settings, progress, leads_back)
+            if todo:
+                _generate(engine, todo, cache, settings, progress, leads_back)
+            if rules:
+                cross = _cross_questions(
+                    targets, [cache.get(c.chunk_id, c.text_hash) for c in targets], chunks,
+                    leads_back, report,
+                )
         finally:
             retriever.close()
-            if owned:
+            if owned and engine is not None:
                 engine.close()
 
     results = [cache.get(c.chunk_id, c.text_hash) for c in targets]
     items, rejections = _collect(results, report)
+    items += cross
+    if cross:
+        rejections.update(report.rejections)  # the cross questions' own rejections
     human, qa_splits, human_rejections = _human_items(qa_path, chunks) if qa_path else ([], {}, {})
     if feedback_file is not None:
         # Reviewers' corrections from the API (`/v1/feedback`), in the --qa-file format.
@@ -212,14 +226,19 @@ def build_raft_set(
         )
     report.human_questions = len(human)
     rejections.update(human_rejections)
+    # A cross question repeats another chunk's question on purpose (same question, evidence
+    # in other words), so duplicates are removed among the others and among cross ones apart.
+    cross_items = [i for i in items if i.origin == "rules:cross"]
+    items = [i for i in items if i.origin != "rules:cross"]
     items = _dedupe([*human, *items], embedder, rejections)
+    items += _dedupe(cross_items, embedder, rejections)
     by_id = {c.chunk_id: c for c in chunks}
     for item in list(items):
         problems = answers.check_cot(item.cot, by_id[item.chunk_id].text)
         if problems:  # the last gate: nothing with an unverifiable quote reaches the set
             rejections[problems[0]] += 1
             items.remove(item)
-    report.questions_accepted = sum(1 for i in items if i.origin == "teacher")
+    report.questions_accepted = sum(1 for i in items if i.origin not in ("human", "feedback"))
     report.rejections = dict(rejections.most_common())
     if not items:
         raise RaftBuildError(
@@ -286,7 +305,7 @@ def _plan(
 
 
 def _generate(
-    engine: Engine,
+    engine: Engine | None,
     todo: list[StoredChunk],
     cache: GenerationCache,
     settings: DocentSettings,
@@ -299,7 +318,12 @@ def _generate(
     for start in range(0, len(todo), step):
         batch = todo[start : start + step]
         results = [ChunkResult(c.chunk_id, c.text_hash) for c in batch]
-        if answer_style(settings) == "teacher":
+        style = answer_style(settings)
+        if style == "rules":
+            _rule_questions(batch, results)
+        elif engine is None:
+            raise RaftBuildError(f"answer style {style!r} needs a teacher model")
+        elif style == "teacher":
             _open_questions(engine, batch, results, settings)
         else:
             _span_questions(engine, batch, results, settings)
@@ -314,7 +338,9 @@ def _generate(
         progress("generate", min(start + step, len(todo)), len(todo))
 
 
-def _item(chunk: StoredChunk, question: str, made: answers.Answer) -> QAItem:
+def _item(
+    chunk: StoredChunk, question: str, made: answers.Answer, origin: str = "teacher"
+) -> QAItem:
     qid = "q-" + hashlib.sha256(f"{chunk.chunk_id}\x1f{question}".encode()).hexdigest()[:12]
     return QAItem(
         qid=qid,
@@ -323,7 +349,54 @@ def _item(chunk: StoredChunk, question: str, made: answers.Answer) -> QAItem:
         quote=made.quote,
         cot=made.cot,
         chunk_id=chunk.chunk_id,
+        origin=origin,
     )
+
+
+def _rule_questions(batch: list[StoredChunk], results: list[ChunkResult]) -> None:
+    """Questions Docent writes itself from each chunk (raft/rule_questions.py), no model."""
+    for chunk, result in zip(batch, results, strict=True):
+        made = rule_questions.chunk_questions(chunk.text, str(chunk.metadata.get("title") or ""))
+        result.generated = len(made)
+        if not made:
+            result.rejected.append({"question": "", "reason": "no_answer_span_in_chunk"})
+        for q in made:
+            reason = rule_questions.check(q) or questions.check_question(q.question, chunk.text)
+            if reason:
+                result.rejected.append({"question": q.question, "reason": reason})
+                continue
+            answer = answers.make_answer(q.question, q.answer, q.sentence, chunk.source)
+            result.items.append(_item(chunk, q.question, answer, f"rules:{q.form}"))
+
+
+def _cross_questions(
+    targets: list[StoredChunk],
+    results: list[ChunkResult | None],
+    chunks: list[StoredChunk],
+    verify: Callable[[str, StoredChunk], bool],
+    report: BuildReport,
+) -> list[QAItem]:
+    """Fabbri et al.'s questions: a question written from one chunk's sentence, answered by
+    another chunk that states the same answer in its own words (not cached: it depends on
+    every chunk). Each must still lead retrieval to its new oracle."""
+    by_id = {c.chunk_id: c for c in chunks}
+    written = [
+        (r.chunk_id, rule_questions.RuleQuestion(i.question, i.answer, i.quote, "cross", "wh"))
+        for r in results if r is not None for i in r.items
+    ]
+    pool = [(c.chunk_id, s) for c in targets for s in rule_questions.split_sentences(c.text)]
+    out: list[QAItem] = []
+    for chunk_id, q in rule_questions.cross_sentence(written, pool):
+        chunk = by_id[chunk_id]
+        report.questions_generated += 1
+        if not verify(q.question, chunk):
+            report.rejections["cross_does_not_retrieve_its_chunk"] = (
+                report.rejections.get("cross_does_not_retrieve_its_chunk", 0) + 1
+            )
+            continue
+        answer = answers.make_answer(q.question, q.answer, q.sentence, chunk.source)
+        out.append(_item(chunk, q.question, answer, "rules:cross"))
+    return out
 
 
 def _span_questions(
@@ -516,6 +589,13 @@ def _examples(
         examples: list[Example] = []
         for item in items:
             oracle = by_id[item.chunk_id]
+            if not (settings.raft_cot_format == "reasoning" and item.origin == "teacher"):
+                # Targets are written at example time, so one cached question set serves
+                # every format; under "reasoning" a teacher's own chain of thought is kept.
+                item.cot = answers.make_answer(
+                    item.question, item.answer, item.quote, oracle.source,
+                    settings.raft_cot_format,
+                ).cot
             examples.extend(make_examples(item, oracle, picker, mix, splits[oracle.source]))
         return examples
     finally:

@@ -57,7 +57,9 @@ def teacher():
 def workspace(tmp_path, handbook_settings) -> DocentSettings:
     """A private copy of the ingested handbook, so builds don't see each other."""
     shutil.copytree(handbook_settings.workspace / "index", tmp_path / "ws" / "index")
-    return DocentSettings(workspace=tmp_path / "ws", raft_batch_chunks=8)
+    return DocentSettings(
+        workspace=tmp_path / "ws", raft_batch_chunks=8, raft_answer_style="extractive"
+    )
 
 
 def _all_records(folder):
@@ -156,7 +158,7 @@ def test_refresh_after_an_edit_regenerates_only_changed_chunks(tmp_path, teacher
             for i in range(1, 7)
         ],
     )
-    settings = DocentSettings(workspace=tmp_path / "ws")
+    settings = DocentSettings(workspace=tmp_path / "ws", raft_answer_style="extractive")
     refresh_index([corpus], settings, embedder=embedder)
     first = build_raft_set(settings, qa_file=qa, engine=teacher, embedder=embedder)
     assert first.chunks_generated == 6 and first.human_questions == 6
@@ -174,6 +176,40 @@ def test_refresh_after_an_edit_regenerates_only_changed_chunks(tmp_path, teacher
     live = {c.chunk_id for c in store.docstore.iter_chunks()}
     store.close()
     assert all(set(r["meta"]["context_chunks"]) <= live for r in records)  # resampled
+
+
+class NoModel(Engine):
+    """Fails the test if anything asks a model: rule questions must need none."""
+
+    kind, model = "none", "none"
+
+    def generate(self, requests: Sequence[ChatRequest], progress=None) -> list[Completion]:
+        raise AssertionError(f"a rules build asked a model {len(requests)} questions")
+
+
+def test_documents_alone_give_verified_questions_with_no_model(tmp_path, handbook_settings,
+                                                              embedder):
+    shutil.copytree(handbook_settings.workspace / "index", tmp_path / "ws" / "index")
+    settings = DocentSettings(workspace=tmp_path / "ws", raft_cot_format="quote",
+                              raft_p_oracle=1.0)
+    report = build_raft_set(settings, limit=30, engine=NoModel(), embedder=embedder)
+    assert report.human_questions == 0 and report.teacher == "local:default"
+    # Rule questions from 30 chunks: several per chunk survive every check.
+    assert report.questions_accepted >= 2 * 30, report.as_dict()
+    assert report.rejections.get("does_not_retrieve_its_chunk", 0) > 0  # the check runs
+    assert report.kinds.get("no_oracle", 0) == 0  # P = 1.0
+    folder = settings.workspace / "raft" / report.name
+    assert load_manifest(folder)["answer_style"] == "rules"
+    for record in _all_records(folder):
+        meta, answer = record["meta"], record["messages"][-1]["content"]
+        if meta["kind"] == "refusal":
+            continue
+        parsed = parse_answer(answer)
+        assert meta["origin"].startswith("rules:")
+        assert answer.startswith("##begin_quote##")  # the "quote" format: evidence first
+        assert parsed.answer == meta["answer"] and parsed.quotes == [meta["quote"]]
+        assert squash(meta["quote"]) in squash(record["messages"][1]["content"])  # the oracle
+        assert meta["answer"].lower() not in meta["question"].lower()
 
 
 def test_empty_workspace_is_a_clear_error(tmp_path, embedder):

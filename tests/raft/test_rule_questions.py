@@ -1,0 +1,124 @@
+"""Questions Docent writes from the documents alone (no LLM): spans, wh-movement, cloze,
+subjects, objects, table rows, another chunk's sentence, and the checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from raft import rule_questions as rq
+
+
+def _by_answer(sentence: str) -> dict[str, rq.RuleQuestion]:
+    return {q.answer: q for q in rq.sentence_questions(sentence)}
+
+
+@pytest.mark.parametrize(
+    ("sentence", "answer", "question", "form"),
+    [
+        (
+            "Invitation links to a workspace are valid for 72 hours.",
+            "72 hours",
+            "How many hours are invitation links to a workspace valid for?",
+            "wh",
+        ),
+        (
+            "The Orbit help desk opens at 08:30 on weekdays.",
+            "08:30",
+            "What time does the Orbit help desk open at on weekdays?",
+            "wh",
+        ),
+        (
+            "The Orbit help desk opens at 08:30 on weekdays.",
+            "The Orbit help desk",
+            "What opens at 08:30 on weekdays?",
+            "subject",
+        ),
+        (
+            "The desktop apps include a built-in diagnostic tool called Sync Doctor.",
+            "Sync Doctor",
+            "What do the desktop apps include a built-in diagnostic tool called?",
+            "wh",
+        ),
+        (
+            "Owners receive an email when the workspace reaches 80 percent of its quota.",
+            "Owners",
+            "Who receives an email?",
+            "subject",
+        ),
+        (
+            "Failed webhook deliveries are retried 5 times over 24 hours.",
+            "5 times",
+            "How many times are failed webhook deliveries retried over 24 hours?",
+            "wh",
+        ),
+        (
+            "A meal costs 6 EUR.",
+            "6 EUR",
+            "How much does a meal cost?",
+            "wh",
+        ),
+    ],
+)
+def test_questions_move_the_wh_phrase_and_keep_the_span_verbatim(sentence, answer, question, form):
+    made = _by_answer(sentence)
+    assert answer in made, sorted(made)
+    q = made[answer]
+    assert (q.question, q.form) == (question, form)
+    assert q.answer in q.sentence and q.sentence == sentence
+    assert rq.check(q) is None
+
+
+def test_without_a_verb_the_cloze_form_keeps_the_clause():
+    made = _by_answer("A workspace on the Free plan can have at most 3 members and up to "
+                      "1,000 pages in total.")
+    assert made["1,000 pages"].form == "cloze"
+    assert "how many pages" in made["1,000 pages"].question
+    assert made["3 members"].question.startswith("How many members can a workspace")
+
+
+def test_pdf_lines_are_joined_and_headings_stay_apart():
+    text = (
+        "# Sub-processors\n"
+        "Brindlewood Labs will notify the Customer of any new sub-processor at least 28 days\n"
+        "before it begins processing Customer Personal Data.\n"
+        "Page 1 of 2"
+    )
+    parts = rq.split_sentences(text)
+    assert parts[0] == "# Sub-processors"
+    assert parts[1].endswith("before it begins processing Customer Personal Data.")
+
+
+def test_table_rows_become_questions_about_their_cells():
+    text = "# Checklist\nTask | Owner | When\nVerify the email domain | IT | Week 1"
+    made = {q.answer: q for q in rq.chunk_questions(text)}
+    assert made["IT"].question == "In Checklist, who is responsible for 'Verify the email domain'?"
+    assert made["Week 1"].question == "In Checklist, when is 'Verify the email domain' due?"
+    assert made["IT"].sentence == "Verify the email domain | IT | Week 1"
+
+
+def test_checks_reject_a_question_that_holds_its_answer_or_asks_for_another_kind():
+    keeps = rq.RuleQuestion("How long do links last?", "72 hours", "Links last 72 hours.",
+                            "duration", "wh")
+    assert rq.check(keeps) is None
+    leaks = rq.RuleQuestion("Do links last 72 hours?", "72 hours", "Links last 72 hours.",
+                            "duration", "wh")
+    assert rq.check(leaks) == "answer_in_question"
+    wrong = rq.RuleQuestion("Who made the links?", "72 hours", "Links last 72 hours.",
+                            "duration", "wh")
+    assert rq.check(wrong) == "does_not_ask_for_duration"
+
+
+def test_another_chunk_stating_the_same_answer_gets_the_question_in_other_words():
+    written = [("a", rq.RuleQuestion(
+        "How many hours are invitation links to a workspace valid for?", "72 hours",
+        "Invitation links to a workspace are valid for 72 hours.", "duration", "wh"))]
+    pool = [
+        ("a", "Invitation links to a workspace are valid for 72 hours."),
+        ("b", "An invitation link expires after 72 hours, so resend workspace invitations."),
+        ("c", "Exports are kept for 72 hours."),  # same answer, another topic
+    ]
+    cross = rq.cross_sentence(written, pool)
+    assert [(cid, q.sentence) for cid, q in cross] == [
+        ("b", "An invitation link expires after 72 hours, so resend workspace invitations.")
+    ]
+    assert cross[0][1].form == "cross" and cross[0][1].answer == "72 hours"
