@@ -648,7 +648,9 @@ def evaluate(
         typer.Option(help="Questions JSONL (default: the --qa-file of the latest RAFT set)."),
     ] = None,
     systems: Annotated[str, typer.Option(help="Comma-separated.")] = "base,base+rag,raft,raft+rag",
-    adapter: Annotated[str | None, typer.Option(help="Adapter (default: promoted).")] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="promoted (default), latest (the newest) or a name.")
+    ] = None,
     k: Annotated[int | None, typer.Option("-k", "--k", help="Chunks per question.")] = None,
     split: Annotated[str, typer.Option(help="Answerable questions of this split; 'all'.")] = "test",
     limit: Annotated[

@@ -324,11 +324,11 @@ def _adapter(
     if not any(s.startswith("raft") for s in systems):
         return None
     registry = AdapterRegistry(Workspace(settings.workspace).adapters_dir)
-    info = registry.get(name) if name else registry.promoted()
+    info = registry.resolve(name)
     if info is None:
         raise ConfigError(
             "the raft systems need an adapter: train one (`docent train`), promote it, or pass "
-            "--adapter NAME; or evaluate --systems base,base+rag"
+            "--adapter NAME (or latest); or evaluate --systems base,base+rag"
         )
     registry.check_base(info, settings.generator)
     return info

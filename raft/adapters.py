@@ -82,6 +82,19 @@ class AdapterRegistry:
         meta = json.loads((folder / METADATA).read_text())
         return AdapterInfo(name, folder, meta, self._state().get("promoted") == name)
 
+    def latest(self) -> AdapterInfo | None:
+        """The most recently trained adapter, promoted or not."""
+        found = self.list()
+        return max(found, key=lambda a: str(a.metadata.get("created", ""))) if found else None
+
+    def resolve(self, name: str | None) -> AdapterInfo | None:
+        """``None``: the promoted adapter; ``latest``: the newest one; else that name."""
+        if name is None:
+            return self.promoted()
+        if name == "latest" and not (self.dir / "latest" / METADATA).exists():
+            return self.latest()
+        return self.get(name)
+
     def promoted(self) -> AdapterInfo | None:
         name = self._state().get("promoted")
         return self.get(name) if name else None

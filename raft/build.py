@@ -112,18 +112,36 @@ def _cache_path(raft_dir: Path, settings: DocentSettings) -> Path:
             "prompts": PROMPT_VERSION,
             "n": settings.raft_questions_per_chunk,
             "style": answer_style(settings),
+            # Rule questions change with the rules, not with a teacher.
+            "rules": rule_questions.VERSION if answer_style(settings) == "rules" else None,
         },
         sort_keys=True,
     )
     return raft_dir / "cache" / f"gen-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
 
 
-def _select(chunks: list[StoredChunk], limit: int | None, seed: int) -> list[StoredChunk]:
-    """All chunks, or ``limit`` of them spread over the corpus (stable for a seed)."""
+def _select(
+    chunks: list[StoredChunk], limit: int | None, seed: int,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+) -> list[StoredChunk]:
+    """All chunks, or ``limit`` of them spread over the corpus (stable for a seed), shared
+    between the splits as the split fractions say, at least one training chunk and, from two
+    chunks on, one validation chunk: a small build still trains and can still be judged."""
     if limit is None or limit >= len(chunks):
         return chunks
+    splits = assign_splits([c.source for c in chunks], seed, fractions)
     ranked = sorted(chunks, key=lambda c: hashlib.sha256(f"{seed}:{c.chunk_id}".encode()).digest())
-    keep = {c.chunk_id for c in ranked[:limit]}
+    want = {"validation": round(limit * fractions[1]), "test": round(limit * fractions[2])}
+    if limit >= 2:
+        want["validation"] = max(1, want["validation"])
+    want["train"] = max(1, limit - want["validation"] - want["test"])
+    keep: set[str] = set()
+    for split, n in want.items():
+        keep.update(c.chunk_id for c in [c for c in ranked if splits[c.source] == split][:n])
+    for c in ranked:  # a split with too few chunks leaves room for the others
+        if len(keep) >= limit:
+            break
+        keep.add(c.chunk_id)
     return [c for c in chunks if c.chunk_id in keep]
 
 
@@ -178,7 +196,7 @@ def build_raft_set(
         chunks_total=len(chunks),
     )
     cache = GenerationCache(_cache_path(raft_dir, settings))
-    targets = _select(chunks, limit, settings.seed)
+    targets = _select(chunks, limit, settings.seed, settings.raft_split)
     todo = [c for c in targets if cache.get(c.chunk_id, c.text_hash) is None]
     report.chunks_generated, report.chunks_reused = len(todo), len(targets) - len(todo)
     embedder = embedder or Embedder.from_settings(settings)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from docent.prompts import normalise, squash
 
+VERSION = "2"  # bump when the rules change: cached rule questions are keyed by it
 MAX_ANSWER_WORDS = 10
 MAX_QUESTION_WORDS = 32
 _AUX = {
@@ -535,12 +536,14 @@ def span_questions(sentence: str) -> list[RuleQuestion]:
             question = _wh_move(clause, after, wh)
             if question:
                 break
+        cloze = next((q for c in clauses if (q := _cloze(c, after, wh))), None)
         if question is None:
-            form = "cloze"
-            question = next((q for c in clauses if (q := _cloze(c, after, wh))), None)
-        if question is None or len(question.split()) > MAX_QUESTION_WORDS:
-            continue
-        out.append(RuleQuestion(question, answer, sentence, kind, form))
+            question, form, cloze = cloze, "cloze", None
+        for text, how in ((question, form), (cloze, "cloze")):
+            # The cloze form is a second wording of a moved question (Lewis et al. train on
+            # both); the near-duplicate check drops it where the two read the same.
+            if text is not None and len(text.split()) <= MAX_QUESTION_WORDS:
+                out.append(RuleQuestion(text, answer, sentence, kind, how))
     return out
 
 

@@ -9,7 +9,11 @@ from raft import rule_questions as rq
 
 
 def _by_answer(sentence: str) -> dict[str, rq.RuleQuestion]:
-    return {q.answer: q for q in rq.sentence_questions(sentence)}
+    """The first question written for each answer (a moved question before its cloze form)."""
+    found: dict[str, rq.RuleQuestion] = {}
+    for q in rq.sentence_questions(sentence):
+        found.setdefault(q.answer, q)
+    return found
 
 
 @pytest.mark.parametrize(
@@ -66,6 +70,13 @@ def test_questions_move_the_wh_phrase_and_keep_the_span_verbatim(sentence, answe
     assert (q.question, q.form) == (question, form)
     assert q.answer in q.sentence and q.sentence == sentence
     assert rq.check(q) is None
+
+
+def test_a_moved_question_also_comes_in_cloze_form():
+    made = [q for q in rq.sentence_questions("A meal costs 6 EUR.") if q.answer == "6 EUR"]
+    assert [(q.question, q.form) for q in made] == [
+        ("How much does a meal cost?", "wh"), ("A meal costs how much?", "cloze")
+    ]
 
 
 def test_without_a_verb_the_cloze_form_keeps_the_clause():
