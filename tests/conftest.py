@@ -59,6 +59,18 @@ def handbook_retriever(handbook_settings, embedder):
     retriever.close()
 
 
+# Four short made-up documents: training on them takes seconds a step.
+ORBIT_FACTS = {
+    "desk.md": "# Desk\n\nThe Orbit help desk opens at 08:30 on weekdays. Tickets are "
+    "answered within 3 working days.",
+    "lab.md": "# Lab\n\nThe Orbit lab badge costs 12 EUR per year. Lost badges are replaced "
+    "within 2 days.",
+    "fleet.md": "# Fleet\n\nOrbit fleet cars are serviced every 15000 km. Trips longer than "
+    "400 km need approval.",
+    "canteen.md": "# Canteen\n\nThe Orbit canteen serves lunch from 11:45. A meal costs 6 EUR.",
+}
+
+
 def write_corpus(folder: Path, files: dict[str, str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():

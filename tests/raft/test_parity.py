@@ -19,17 +19,9 @@ from raft.build import build_raft_set
 from raft.show import load_examples
 from raft.train import make_trainer, to_prompt_completion, train_adapter
 
-from conftest import run_script, write_corpus, write_qa
+from conftest import ORBIT_FACTS, run_script, write_corpus, write_qa
 
-FACTS = {
-    "desk.md": "# Desk\n\nThe Orbit help desk opens at 08:30 on weekdays. Tickets are "
-    "answered within 3 working days.",
-    "lab.md": "# Lab\n\nThe Orbit lab badge costs 12 EUR per year. Lost badges are replaced "
-    "within 2 days.",
-    "fleet.md": "# Fleet\n\nOrbit fleet cars are serviced every 15000 km. Trips longer than "
-    "400 km need approval.",
-    "canteen.md": "# Canteen\n\nThe Orbit canteen serves lunch from 11:45. A meal costs 6 EUR.",
-}
+FACTS = ORBIT_FACTS
 EIGHT = [
     ("When does the Orbit help desk open?", "08:30", "desk.md",
      "The Orbit help desk opens at 08:30 on weekdays."),
