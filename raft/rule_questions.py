@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from docent.prompts import normalise, squash
 
-VERSION = "2"  # bump when the rules change: cached rule questions are keyed by it
+VERSION = "3"  # bump when the rules change: cached rule questions are keyed by it
 MAX_ANSWER_WORDS = 10
 MAX_QUESTION_WORDS = 32
 _AUX = {
@@ -91,6 +91,14 @@ PATTERNS: tuple[Pattern, ...] = (
         r"(?: (?:[A-Z][a-z]+ time|UTC|CET|CEST|GMT))?")),
     Pattern("email", re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.]+\w\b")),
     Pattern("code", re.compile(r"(?<![\w-])[A-Z]{2,}(?:-[A-Z]+)*-\d{2,}(?:-\d+)*(?![\w-])")),
+    # Technical names documentation is full of: `code`, files, hosts, headers, snake_case keys.
+    Pattern("identifier", re.compile(
+        r"`(?P<a>[^`\s][^`]{0,40})`|"
+        r"\b[\w-]+\.(?:log|json|csv|txt|yaml|yml|xml|zip|exe|dmg|msi|conf|cfg|ini|sh|py)\b|"
+        r"\b(?:https?://)?[a-z0-9-]+(?:\.[a-z0-9-]+)*\.(?:app|com|org|net|io|dev|cloud)"
+        r"(?:/[\w/.-]*\w)?\b|"
+        r"\bX-[A-Za-z]+(?:-[A-Za-z]+)+\b|"
+        r"\b[a-z][a-z0-9]*_[a-z0-9_]*")),
     Pattern("shortcut", re.compile(
         r"\b(?:Ctrl|Cmd|Alt|Shift|Option|⌘)(?:\s?\+\s?(?:Ctrl|Cmd|Alt|Shift|Option|Enter|Tab|"
         r"Space|Esc|F\d{1,2}|[A-Z0-9/.,;\[\]\\]))+")),
@@ -122,6 +130,7 @@ ASKS_FOR = {
     "time": re.compile(r"\b(when|what time|hours|time)\b", re.I),
     "email": re.compile(r"\b(e-?mail|address|contact)\b", re.I),
     "code": re.compile(r"\b(code|which|what|identifier|number)\b", re.I),
+    "identifier": re.compile(r"\b(which|what|name)\b", re.I),
     "shortcut": re.compile(r"\b(shortcut|keys?|which|what)\b", re.I),
     "version": re.compile(r"\b(version|release|which|what)\b", re.I),
     "money": re.compile(r"\bhow much\b|\b(price|cost|fee)\b", re.I),
@@ -185,6 +194,16 @@ _ADVERBS = {"also", "only", "always", "never", "automatically", "usually", "then
 _DO = {"VBZ": "does", "VBD": "did", "VBP": "do"}
 _SINGULAR = {"are": "is", "were": "was", "have": "has", "do": "does"}
 _BULLET = re.compile(r"^(?:[-*•]|\d+[.)])\s+")
+
+
+def _named(phrase: str) -> bool:
+    """A short phrase that names something: a capitalised word after the first, a number or
+    a code ("Sync Doctor", "The Quillfeather Vault QV-200", "Ctrl+Shift+C")."""
+    words = phrase.split()
+    return len(words) <= 5 and (
+        any(w[:1].isupper() for w in words[1:]) or any(ch.isdigit() for ch in phrase)
+        or (len(words) == 1 and words[0][:1].isupper() and not _common(words[0]))
+    )
 
 
 def _imperative(first: str) -> bool:
@@ -407,6 +426,8 @@ def _subject_question(sentence: str) -> RuleQuestion | None:
         return None
     lower = found.word
     subject = subject.strip("*`\"'")
+    if not _named(subject):
+        return None  # "The editor", "A workspace": people rarely ask for a bare subject
     wh = "Who" if _PERSONS.search(subject) and lower not in ("is", "are") else "What"
     return RuleQuestion(f"{wh} {predicate}?", subject, sentence, "subject", "subject")
 
@@ -428,7 +449,7 @@ def _object_question(sentence: str) -> RuleQuestion | None:
     obj = re.split(r" (?:to|for|in|on|at|from|with|by|when|during|after|before|until|via)\b",
                    obj, maxsplit=1)[0]
     n = len(obj.split())
-    if not 2 <= n <= 8 or _SUBORDINATE.match(obj) or obj.split()[0].lower() in (
+    if not 2 <= n <= 5 or _SUBORDINATE.match(obj) or obj.split()[0].lower() in (
         "that", "how", "what", "where", "why", "whether", "because", "are", "is"
     ):
         return None
@@ -502,7 +523,7 @@ def answer_spans(sentence: str) -> list[tuple[str, int, int]]:
     found = []
     for pattern in PATTERNS:
         for match in pattern.regex.finditer(sentence):
-            group = "a" if "a" in pattern.regex.groupindex else 0
+            group = "a" if "a" in pattern.regex.groupindex and match.group("a") else 0
             start, end = match.span(group)
             text = match.group(group).rstrip(" .,;:")
             end = start + len(text)

@@ -44,8 +44,8 @@ def _by_answer(sentence: str) -> dict[str, rq.RuleQuestion]:
             "wh",
         ),
         (
-            "Owners receive an email when the workspace reaches 80 percent of its quota.",
-            "Owners",
+            "Workspace Owners receive an email when the workspace reaches 80 percent of its quota.",
+            "Workspace Owners",
             "Who receives an email?",
             "subject",
         ),
@@ -70,6 +70,16 @@ def test_questions_move_the_wh_phrase_and_keep_the_span_verbatim(sentence, answe
     assert (q.question, q.form) == (question, form)
     assert q.answer in q.sentence and q.sentence == sentence
     assert rq.check(q) is None
+
+
+def test_technical_names_are_answers_and_bare_subjects_are_not():
+    made = _by_answer("The desktop app writes its sync log to loom-trace.log every minute.")
+    assert made["loom-trace.log"].question == (
+        "What does the desktop app write its sync log to every minute?"
+    )
+    assert "The desktop app" not in made  # "What writes its sync log ...?" asks for nothing named
+    made = _by_answer("Read the header X-Quill-RateLimit-Remaining for the requests left.")
+    assert made["X-Quill-RateLimit-Remaining"].kind == "identifier"
 
 
 def test_a_moved_question_also_comes_in_cloze_form():
