@@ -129,6 +129,8 @@ def _select(
     chunks on, one validation chunk: a small build still trains and can still be judged."""
     if limit is None or limit >= len(chunks):
         return chunks
+    if limit <= 0:
+        return []  # human questions only
     splits = assign_splits([c.source for c in chunks], seed, fractions)
     ranked = sorted(chunks, key=lambda c: hashlib.sha256(f"{seed}:{c.chunk_id}".encode()).digest())
     want = {"validation": round(limit * fractions[1]), "test": round(limit * fractions[2])}
