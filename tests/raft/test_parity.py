@@ -116,6 +116,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_a_model_trained_to_near_zero_loss_says_its_answers_through_every_engine(eight, tmp_path):
     from docent.engine import ChatRequest
     from docent.engine.hf import HFEngine
