@@ -234,7 +234,8 @@ def test_malformed_teacher_output_is_counted_not_fatal(workspace, embedder):
 
 def test_unreachable_teacher_url_is_a_clear_error_and_keeps_finished_work(workspace, embedder):
     remote = workspace.with_overrides(
-        engine="openai", llm_url="http://127.0.0.1:9/v1", llm_model="teacher"
+        engine="openai", llm_url="http://127.0.0.1:9/v1", llm_model="teacher",
+        raft_answer_style="auto",  # a URL teacher writes open questions: it is asked at once
     )
     with pytest.raises(EngineUnavailableError, match="unreachable"):
         build_raft_set(remote, limit=4, embedder=embedder)
