@@ -587,8 +587,11 @@ def _gated_promote(settings: DocentSettings, name: str, dataset: str, force: boo
                 settings, name, vset, force=force, progress=_RichProgress(progress)
             )
     except DocentError as exc:
-        _fail(f"{name} is trained but not promoted: scoring it on validation failed: {exc}")
-        raise  # unreachable
+        # The adapter is kept either way; what is live stays live. Not an error: the training
+        # asked for worked, only the judgement could not be made.
+        out.print(f"[yellow]{name} is trained but not promoted: the gate could not score it on "
+                  f"validation: {exc}[/]", soft_wrap=True)
+        return False
     return _apply_decision(settings, name, decision)
 
 

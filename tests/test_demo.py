@@ -71,7 +71,8 @@ def test_make_demo_runs_the_whole_loop(engine, tmp_path):
     trained = [p.name for p in (workspace / "adapters").iterdir()
                if (p / "adapter_config.json").exists()]
     assert [latest["adapter"]] == trained
-    assert "validation accuracy" in done.stdout  # the gate's figures
+    # The gate's figures, or why it could not judge (too few validation questions).
+    assert "validation accuracy" in done.stdout or "could not score it" in done.stdout
     ran_as = "merged" if merges_adapters(engine) else "lora"
     assert latest["settings"]["adapter_weights"] == ran_as
     default_kind = resolve_engine_kind(DocentSettings())
@@ -81,7 +82,7 @@ def test_make_demo_runs_the_whole_loop(engine, tmp_path):
         assert merged.exists() == (merges_adapters(engine) or merges_adapters(default_kind))
         assert registry["promoted"] in done.stdout.split("raft show")[-1]
     else:
-        assert "stays live" in done.stdout
+        assert "stays live" in done.stdout or "could not score it" in done.stdout
     # The build had no QA file: every training question was written by the rules.
     manifest = json.loads(next((workspace / "raft").glob("raft-*/manifest.json")).read_text())
     assert manifest["qa_file"] is None and manifest["answer_style"] == "rules"

@@ -1,13 +1,11 @@
 """What the model is trained on is what it is served: the prompt tokens of a training row are
 the tokens every engine prompts with, the loss covers the answer and its end-of-turn token and
 nothing else, and a model trained to near-zero loss on 8 examples gives those 8 answers back
-through transformers+PEFT, merged weights and vLLM. If the overfit test fails, something
+through transformers+PEFT and merged weights (vLLM's greedy words equal PEFT's:
+tests/raft/test_train.py). If the overfit test fails, something
 between training and serving is broken, whatever the eval says."""
 
 from __future__ import annotations
-
-import importlib.util
-import json
 
 import pytest
 
@@ -19,7 +17,7 @@ from raft.build import build_raft_set
 from raft.show import load_examples
 from raft.train import make_trainer, to_prompt_completion, train_adapter
 
-from conftest import ORBIT_FACTS, run_script, write_corpus, write_qa
+from conftest import ORBIT_FACTS, write_corpus, write_qa
 
 FACTS = ORBIT_FACTS
 EIGHT = [
@@ -92,32 +90,10 @@ def test_training_rows_are_the_served_prompt_then_the_answer_and_eos(eight, tmp_
         assert row_labels[real[-1]] == tokenizer.eos_token_id == row_ids[real[-1]]
 
 
-VLLM_EIGHT = """
-import json, sys
-from pathlib import Path
-from docent.engine import ChatRequest
-from docent.settings import DocentSettings
-from raft.adapters import AdapterRegistry
-from raft.merge import engine_for_adapter
-from raft.show import load_examples
-
-if __name__ == "__main__":
-    ws = Path(sys.argv[1])
-    settings = DocentSettings(workspace=ws, engine="vllm", vllm_kv_cache_gib=1,
-                              max_model_len=2048, dtype="float32", vllm_eager=True)
-    info = AdapterRegistry(ws / "adapters").get("eight")
-    engine, adapter = engine_for_adapter(settings, info)
-    rows = load_examples(ws / "raft" / "eight", "train")
-    out = engine.generate([ChatRequest(r["messages"][:-1], max_tokens=96, adapter=adapter)
-                           for r in rows])
-    print("RESULT " + json.dumps([o.text for o in out]))
-    engine.close()
-"""
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
-def test_a_model_trained_to_near_zero_loss_says_its_answers_through_every_engine(eight, tmp_path):
+def test_a_model_trained_to_near_zero_loss_says_its_answers_back(eight):
     from docent.engine import ChatRequest
     from docent.engine.hf import HFEngine
 
@@ -141,7 +117,3 @@ def test_a_model_trained_to_near_zero_loss_says_its_answers_through_every_engine
     merged = HFEngine(str(folder / "merged"), dtype="float32")
     plain = [ChatRequest(r["messages"][:-1], max_tokens=96) for r in records]
     assert reproduced([c.text for c in merged.generate(plain)]) >= 7
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed")
-    vllm_texts = run_script(tmp_path, VLLM_EIGHT, str(eight.workspace))
-    assert reproduced(vllm_texts) >= 7, json.dumps(vllm_texts)
