@@ -47,6 +47,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "quote": {},
     "reasoning": {"raft_cot_format": "reasoning"},
     "answer_first": {"raft_cot_format": "answer_first"},
+    "own_words": {"raft_cot_format": "own_words"},
+    "own_words+related_refusals": {
+        "raft_cot_format": "own_words", "raft_refusal_related": True,
+        "raft_refusal_fraction": 0.15,
+    },
     "p0.8": {"raft_p_oracle": 0.8},
     "lr3e-4": {"train_lr": 3e-4},
     "k5": {"raft_distractors": 4, "top_k": 5},

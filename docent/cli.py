@@ -234,6 +234,10 @@ def raft_build(
     answer_style: Annotated[str | None, typer.Option(help="auto, extractive or teacher.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use at most N chunks.")] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="chat, completion or hf.")] = None,
+    cot_format: Annotated[
+        str | None,
+        typer.Option(help="Target answers: reasoning, quote, answer_first or own_words."),
+    ] = None,
     qa_file: Annotated[Path | None, typer.Option(help="Human questions (train split).")] = None,
     feedback: Annotated[
         Path | None,
@@ -260,6 +264,7 @@ def raft_build(
         raft_hard_negatives=hard_negatives,
         raft_answer_style=answer_style,
         raft_format=fmt,
+        raft_cot_format=cot_format,
         seed=seed,
         llm_url=teacher if remote else None,
         llm_model=teacher_model,

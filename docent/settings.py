@@ -100,6 +100,12 @@ class DocentSettings(BaseSettings):
     )
     raft_p_oracle: float = Field(default=0.8, ge=0.0, le=1.0, description="P, as in the paper.")
     raft_refusal_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    raft_refusal_related: bool = Field(
+        default=False,
+        description="Refusal examples pair the question with related chunks (hard negatives "
+        "that lack the answer, as retrieval returns for an unanswerable question) instead of "
+        "unrelated ones.",
+    )
     raft_hard_negatives: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Share of distractors that are hard negatives."
     )
@@ -116,11 +122,12 @@ class DocentSettings(BaseSettings):
         le=100,
         description="A generated question must retrieve its chunk in top-k.",
     )
-    raft_cot_format: Literal["reasoning", "quote", "answer_first"] = Field(
+    raft_cot_format: Literal["reasoning", "quote", "answer_first", "own_words"] = Field(
         default="reasoning",
         description="What a target answer says before its <ANSWER>: line. reasoning: the "
         "paper's chain of thought; quote: the quoted evidence sentence only; answer_first: "
-        "the answer, then its quote.",
+        "the answer, then its quote; own_words: the base model's own answer sentence (kept "
+        "only where it states the answer and invents nothing), then the quote.",
     )
     raft_format: Literal["chat", "completion", "hf"] = "chat"
     raft_split: tuple[float, float, float] = (0.8, 0.1, 0.1)

@@ -80,7 +80,7 @@ def extractive_answer(
     return make_answer(question, span, sentence, source)
 
 
-COT_FORMATS = ("reasoning", "quote", "answer_first")
+COT_FORMATS = ("reasoning", "quote", "answer_first", "own_words")
 
 
 def make_answer(
@@ -89,9 +89,10 @@ def make_answer(
     """The target answer. Every format quotes the evidence verbatim and ends with the
     ``<ANSWER>:`` line; they differ in what comes first. ``reasoning``: the paper's chain of
     thought (restate, quote, conclude); ``quote``: the quoted sentence only; ``answer_first``:
-    the answer, then the quote that supports it. Small models learn short chains more easily
-    (ablated by bench/raft_gain.py)."""
-    if fmt == "quote":
+    the answer, then the quote that supports it; ``own_words``: written as ``quote`` here, then
+    rewritten to open with the model's own answer sentence (``raft.own_words``, which needs the
+    model). Small models learn short chains more easily (ablated by bench/raft_gain.py)."""
+    if fmt in ("quote", "own_words"):
         reasoning = quote(sentence)
     elif fmt == "answer_first":
         reasoning = f"{answer}. {quote(sentence)}"

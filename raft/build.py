@@ -49,6 +49,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 RAFT_FIELDS = (
     "raft_questions_per_chunk",
     "raft_cot_format",
+    "raft_refusal_related",
     "raft_distractors",
     "raft_p_oracle",
     "raft_refusal_fraction",
@@ -161,6 +162,7 @@ def build_raft_set(
     progress: Progress = no_progress,
 ) -> BuildReport:
     started = time.perf_counter()
+    given_engine = engine  # the caller's (a teacher's, or the generator's), not one built here
     raft_dir = Workspace(settings.workspace).ensure().raft_dir
     raft_dir.mkdir(parents=True, exist_ok=True)
     settings, limit, name, qa_path, previous = _plan(
@@ -267,6 +269,8 @@ def build_raft_set(
         )
 
     examples = _examples(items, chunks, by_id, settings, qa_splits, embedder, store)
+    if settings.raft_cot_format == "own_words":
+        examples = _own_words(examples, by_id, settings, given_engine, report, progress)
     if previous:
         current = set(by_id)
         report.dropped_deleted_oracle = sum(
@@ -605,6 +609,7 @@ def _examples(
             settings.raft_p_oracle,
             settings.raft_refusal_fraction,
             settings.seed,
+            settings.raft_refusal_related,
         )
         examples: list[Example] = []
         for item in items:
@@ -620,6 +625,38 @@ def _examples(
         return examples
     finally:
         retriever.close()
+
+
+def _own_words(
+    examples: list[Example],
+    by_id: dict[str, StoredChunk],
+    settings: DocentSettings,
+    engine: Engine | None,
+    report: BuildReport,
+    progress: Progress,
+) -> list[Example]:
+    """Targets that open with the served model's own answer (``raft.own_words``). The words
+    must be the generator's, the model being tuned, never a remote teacher's."""
+    from raft.own_words import rewrite_targets
+
+    owned = engine is None or engine.kind == "openai"
+    if owned:
+        kind = resolve_engine_kind(settings)
+        engine = build_engine(settings, kind="hf" if kind == "openai" else kind, lora=False)
+    assert engine is not None
+    try:
+        kept, dropped = rewrite_targets(examples, by_id, engine, progress)
+    finally:
+        if owned:
+            engine.close()
+    merged = Counter(report.rejections) + dropped
+    report.rejections = dict(merged.most_common())
+    if not any(ex.kind != "refusal" for ex in kept):
+        raise RaftBuildError(
+            f"the model's own answers passed no check ({dict(dropped)}): use another "
+            "--cot-format (quote) or more chunks"
+        )
+    return kept
 
 
 def _write(

@@ -156,6 +156,7 @@ class MixSettings:
     p_oracle: float = 0.8
     refusal_fraction: float = 0.05
     seed: int = 0
+    refusal_related: bool = False  # refusals see hard negatives, not unrelated chunks only
 
 
 def make_examples(
@@ -185,9 +186,12 @@ def make_examples(
         )
     ]
     if rng.random() < mix.refusal_fraction:
-        # Unrelated chunks only (no hard negatives, none holding the answer): learn to decline.
+        # None holding the answer: learn to decline. Unrelated chunks teach the easy case;
+        # related ones (hard negatives) the one serving meets, an unanswerable question whose
+        # retrieval still returns chunks on its topic.
         unrelated = picker.pick(
-            item.question, oracle, mix.distractors + 1, rng, exclude_answer=item.answer, hard=False
+            item.question, oracle, mix.distractors + 1, rng, exclude_answer=item.answer,
+            hard=mix.refusal_related,
         )
         examples.append(
             Example(

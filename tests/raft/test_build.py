@@ -17,6 +17,7 @@ from ingest.pipeline import refresh_index
 from ingest.store import KnowledgeStore
 from raft.build import BUILDING, RaftBuildError, build_raft_set
 from raft.show import load_examples, load_manifest
+from serving.attribution import contains_phrase
 
 from conftest import HANDBOOK, write_corpus, write_qa
 
@@ -210,6 +211,28 @@ def test_documents_alone_give_verified_questions_with_no_model(tmp_path, handboo
         assert parsed.answer == meta["answer"] and parsed.quotes == [meta["quote"]]
         assert squash(meta["quote"]) in squash(record["messages"][1]["content"])  # the oracle
         assert meta["answer"].lower() not in meta["question"].lower()
+
+
+def test_own_words_targets_open_with_the_models_sentence(tmp_path, handbook_settings, embedder,
+                                                        teacher):
+    shutil.copytree(handbook_settings.workspace / "index", tmp_path / "ws" / "index")
+    settings = DocentSettings(workspace=tmp_path / "ws", raft_cot_format="own_words",
+                              raft_p_oracle=1.0, raft_refusal_fraction=0.0, top_k=3,
+                              raft_distractors=2)
+    counting = CountingEngine(teacher)
+    report = build_raft_set(settings, limit=6, engine=counting, embedder=embedder)
+    assert counting.requests > 0  # the served model wrote the openings, not a rule
+    kept = sum(report.examples.values())
+    dropped = {k: v for k, v in report.rejections.items() if k.startswith("own_words_")}
+    assert kept > 0, report.rejections
+    assert kept + sum(dropped.values()) == report.questions_accepted
+    for record in _all_records(settings.workspace / "raft" / report.name):
+        meta, answer = record["meta"], record["messages"][-1]["content"]
+        parsed = parse_answer(answer)
+        opening = answer.split("##begin_quote##")[0].strip()
+        assert meta["own_words"] and opening, answer
+        assert contains_phrase(opening, meta["answer"])  # the sentence states the answer
+        assert parsed.answer == meta["answer"] and parsed.quotes == [meta["quote"]]
 
 
 def test_empty_workspace_is_a_clear_error(tmp_path, embedder):
