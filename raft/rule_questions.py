@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from docent.prompts import normalise, squash
 
-VERSION = "3"  # bump when the rules change: cached rule questions are keyed by it
+VERSION = "4"  # bump when the rules change: cached rule questions are keyed by it
 MAX_ANSWER_WORDS = 10
 MAX_QUESTION_WORDS = 32
 _AUX = {
@@ -568,6 +568,13 @@ def span_questions(sentence: str) -> list[RuleQuestion]:
     return out
 
 
+_DANGLING = re.compile(
+    # Words no question can end on (a stranded preposition, "made of?", can).
+    r"\b(the|a|an|and|or|than|per|its|their|your|our|this|these|those)\s*\?$",
+    re.IGNORECASE,
+)
+
+
 def check(q: RuleQuestion) -> str | None:
     """The rejection reason for a rule question, or None: the checks that stay meaningful
     when no model wrote the question."""
@@ -577,6 +584,8 @@ def check(q: RuleQuestion) -> str | None:
         return f"does_not_ask_for_{q.kind}"
     if len(q.question.split()) < 4:
         return "bad_format"
+    if _DANGLING.search(q.question):
+        return "dangling_end"  # "... as a percentage of the?": the span cut a phrase in two
     return None
 
 

@@ -127,6 +127,13 @@ def test_checks_reject_a_question_that_holds_its_answer_or_asks_for_another_kind
     wrong = rq.RuleQuestion("Who made the links?", "72 hours", "Links last 72 hours.",
                             "duration", "wh")
     assert rq.check(wrong) == "does_not_ask_for_duration"
+    cut = rq.RuleQuestion("What is the credit calculated as a percentage of the?", "Monthly Fee",
+                          "The credit is calculated as a percentage of the Monthly Fee.",
+                          "name", "wh")
+    assert rq.check(cut) == "dangling_end"
+    stranded = rq.RuleQuestion("What is the Vault appliance made of?", "steel",
+                               "The Vault appliance is made of steel.", "name", "wh")
+    assert rq.check(stranded) != "dangling_end"
 
 
 def test_another_chunk_stating_the_same_answer_gets_the_question_in_other_words():
