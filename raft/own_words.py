@@ -108,7 +108,7 @@ def rewrite_targets(
 ) -> tuple[list[Example], Counter[str]]:
     """Examples whose target is rewritten in the model's own words; an example whose model
     answer fails the checks is dropped and counted by reason (``own_words_<reason>``).
-    Refusals keep their declining target.
+    Refusals keep their declining target, and are kept only with their question.
 
     The model answers from the oracle chunk alone, not the example's whole context: the
     phrasing is what is distilled, and without distractors it is right more often, from a
@@ -129,7 +129,10 @@ def rewrite_targets(
     for ex in examples:
         got = verdicts.get(ex.id, Restatement(reason="no_oracle_chunk"))
         if ex.kind == "refusal":
-            kept.append(ex)
+            # Kept with its question only, so refusals stay the share the settings ask for
+            # (a build that drops two thirds of its answers must not triple its refusals).
+            if verdicts.get(ex.id.removesuffix("-refusal"), got).sentence:
+                kept.append(ex)
         elif got.sentence:
             ex.completion = own_words_target(got.sentence, str(ex.meta["quote"]), ex.answer)
             ex.meta["own_words"] = True
