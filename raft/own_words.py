@@ -34,7 +34,7 @@ from docent.prompts import (
 from ingest.docstore import StoredChunk
 from raft.dataset import Example
 from raft.text import content_words
-from serving.attribution import contains_phrase, final_answer, normalize_answer
+from serving.attribution import contains_phrase, final_answer, numbers
 
 MAX_WORDS = 40
 # Share of the restatement's content words that must come from the question or the quoted
@@ -52,10 +52,6 @@ class Restatement:
 
     sentence: str = ""
     reason: str = ""
-
-
-def _numbers(text: str) -> set[str]:
-    return {w for w in normalize_answer(text).split() if any(ch.isdigit() for ch in w)}
 
 
 def check_restatement(output: str, question: str, answer: str, evidence: str) -> Restatement:
@@ -77,7 +73,7 @@ def check_restatement(output: str, question: str, answer: str, evidence: str) ->
         return Restatement(reason="no_restatement")
     if not contains_phrase(sentence, answer):
         return Restatement(reason="misses_answer")
-    if not _numbers(sentence) <= _numbers(evidence) | _numbers(question):
+    if not numbers(sentence) <= numbers(evidence) | numbers(question):
         return Restatement(reason="new_number")
     own = content_words(sentence)
     known = content_words(evidence) | content_words(question)

@@ -63,7 +63,8 @@ def contains_phrase(text: str, phrase: str) -> bool:
     return bool(needle) and f" {needle} " in f" {normalize_answer(text)} "
 
 
-def _numbers(text: str) -> set[str]:
+def numbers(text: str) -> set[str]:
+    """The words of ``text`` that hold a digit, normalised (what a claim must not invent)."""
     return {w for w in normalize_answer(text).split() if any(ch.isdigit() for ch in w)}
 
 
@@ -80,7 +81,7 @@ def supports(sentence: str, answer: str) -> bool:
     if contains_phrase(sentence, answer):
         return True
     wanted = content_words(answer)
-    if len(wanted) < SHORT_ANSWER_WORDS or not _numbers(answer) <= _numbers(sentence):
+    if len(wanted) < SHORT_ANSWER_WORDS or not numbers(answer) <= numbers(sentence):
         return False
     return len(wanted & content_words(sentence)) >= COVERAGE * len(wanted)
 
