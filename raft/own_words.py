@@ -26,7 +26,6 @@ from docent.progress import Progress, no_progress
 from docent.prompts import (
     ANSWER_PREFIX,
     BEGIN_QUOTE,
-    END_QUOTE,
     build_messages,
     format_answer,
     quote,
@@ -58,10 +57,7 @@ def check_restatement(output: str, question: str, answer: str, evidence: str) ->
     """Whether ``output``'s first sentence can open a training target: it states ``answer``,
     says nothing the question and the evidence sentence do not (no new number, mostly their
     words), and is plain prose (no markup, quote markers or answer line, not too long)."""
-    if ANSWER_PREFIX in output or BEGIN_QUOTE in output or END_QUOTE in output:
-        first = output.split(BEGIN_QUOTE)[0].split(ANSWER_PREFIX)[0]
-    else:
-        first = output
+    first = output.split(BEGIN_QUOTE)[0].split(ANSWER_PREFIX)[0]
     sentence = final_answer(first.strip()).strip()
     if not sentence:
         return Restatement(reason="empty")
