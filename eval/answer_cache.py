@@ -49,7 +49,8 @@ class AnswerCache:
     def key(self, request: ChatRequest, adapter_identity: str | None) -> str:
         payload = json.dumps(
             [self.identity, adapter_identity, request.messages, request.max_tokens,
-             request.temperature, request.top_p, request.stop, request.seed],
+             request.temperature, request.top_p, request.stop, request.seed,
+             request.quote_sources],
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()

@@ -176,8 +176,10 @@ class _Answerer:
         self.engine, self.adapter, self.variant = engine, adapter, variant
         self.cache, self.fresh = cache, fresh
 
-    def request(self, messages: list[dict[str, str]], max_tokens: int) -> ChatRequest:
-        return ChatRequest(messages, max_tokens=max_tokens, adapter=self.adapter)
+    def request(self, messages: list[dict[str, str]], max_tokens: int,
+                quote_sources: Sequence[str] = ()) -> ChatRequest:
+        return ChatRequest(messages, max_tokens=max_tokens, adapter=self.adapter,
+                           quote_sources=list(quote_sources))
 
     def __call__(self, system: str, items: Sequence[tuple[str, ChatRequest]]) -> list[Completion]:
         keys = [self.cache.key(r, self.variant.identity) for _, r in items]
@@ -371,7 +373,9 @@ def _answer(
             if not is_relevant(docs, settings.min_relevance):
                 out[q.id] = Prediction(q.id, system, "", "", True, skipped_generation=True)
                 continue
-        items.append((q.id, ask.request(build_messages(q.question, docs), max_tokens)))
+        # Quotes held to the given chunks as serving holds them (quote_guard), every system alike.
+        sources = [d.text for d in docs] if settings.quote_guard else []
+        items.append((q.id, ask.request(build_messages(q.question, docs), max_tokens, sources)))
         todo.append((q, docs))
     completions = ask(system, items)
     decline = declines_ungrounded(settings.decline_ungrounded, None)

@@ -208,6 +208,9 @@ class RagService:
                 top_p=top_p,
                 seed=seed,
                 adapter=adapter_name,
+                quote_sources=(
+                    [h.text for h in retrieved.hits] if self.settings.quote_guard else []
+                ),
             )
             gen_started = time.perf_counter()
             first: float | None = None

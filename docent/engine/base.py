@@ -25,6 +25,9 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     adapter: str | None = None  # a LoRA adapter name known to the engine; None = base model
     seed: int | None = None
+    # Texts a quote may copy: set, the engine holds text between the quote markers to spans
+    # of them at decode time (docent.engine.quote_guard). Empty: quotes are unguarded.
+    quote_sources: list[str] = field(default_factory=list)
 
     def sampling_key(self) -> tuple[object, ...]:
         """Requests with equal keys can share one batch."""

@@ -36,6 +36,7 @@ from docent.engine.base import (
     Progress,
     StreamDelta,
 )
+from docent.engine.quote_guard import HFQuoteProcessor, QuoteGuard, TokenTexts
 from docent.hardware import cpu_has_bf16
 from docent.prompts import chat_prompt
 
@@ -130,6 +131,7 @@ class HFEngine(Engine):
         loaded: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
         self.net: Any = loaded.to(device).eval()
         self.adapters: dict[str, str] = {}
+        self._vocab: TokenTexts | None = None  # for quote guards, built on first use
         # Tokens after which a row produces nothing more (generate pads finished rows).
         eos = loaded.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
@@ -188,7 +190,9 @@ class HFEngine(Engine):
             # Lock per batch, not per call: a long RAFT build lets streaming batches in
             # between its own.
             with self._model_lock:
-                completions = self._run(requests[batch[0]], [prompts[i] for i in batch])
+                completions = self._run(
+                    [requests[i] for i in batch], [prompts[i] for i in batch]
+                )
             for i, completion in zip(batch, completions, strict=True):
                 results[i] = completion
             start += len(batch)
@@ -314,7 +318,8 @@ class HFEngine(Engine):
                 prompts = [self._prompt(job.request) for job in jobs]
                 streamer = streamer_cls(self.tokenizer, jobs, states, self._end_ids)
                 completions = self._run(
-                    jobs[0].request, prompts, streamer=streamer, stopping=[cancel_cls(jobs)]
+                    [job.request for job in jobs], prompts, streamer=streamer,
+                    stopping=[cancel_cls(jobs)],
                 )
         except Exception as exc:
             # E.g. an unknown adapter: every job in the batch asked for the same one.
@@ -333,13 +338,15 @@ class HFEngine(Engine):
 
     def _run(
         self,
-        request: ChatRequest,
+        requests: list[ChatRequest],
         prompts: list[str],
         streamer: Any = None,
         stopping: list[Any] | None = None,
     ) -> list[Completion]:
-        """One batched ``model.generate``; the caller holds ``_model_lock``."""
+        """One batched ``model.generate`` of requests that share their sampling settings;
+        the caller holds ``_model_lock``."""
         torch = self.torch
+        request = requests[0]
         inputs = self.tokenizer(
             prompts, return_tensors="pt", padding=True, add_special_tokens=False
         ).to(self.device)
@@ -361,6 +368,15 @@ class HFEngine(Engine):
             from transformers import StoppingCriteriaList
 
             kwargs["stopping_criteria"] = StoppingCriteriaList(stopping)
+        if any(r.quote_sources for r in requests):
+            from transformers import LogitsProcessorList
+
+            vocab = self._token_texts()
+            guards = [QuoteGuard(vocab, r.quote_sources) if r.quote_sources else None
+                      for r in requests]
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [HFQuoteProcessor(guards, inputs["input_ids"].shape[1])]
+            )
         with torch.inference_mode(), self._adapter(request.adapter):
             output = self.net.generate(**inputs, **kwargs)
         prompt_len = inputs["input_ids"].shape[1]
@@ -387,6 +403,11 @@ class HFEngine(Engine):
                 )
             )
         return completions
+
+    def _token_texts(self) -> TokenTexts:
+        if self._vocab is None:
+            self._vocab = TokenTexts(self.tokenizer)
+        return self._vocab
 
     def _adapter(self, name: str | None) -> contextlib.AbstractContextManager[Any]:
         if not self.adapters:

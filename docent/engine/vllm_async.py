@@ -42,7 +42,7 @@ from docent.engine.base import (
     StreamDelta,
 )
 from docent.engine.hf import StreamText
-from docent.engine.vllm_engine import engine_options
+from docent.engine.vllm_engine import engine_options, sampling_extra_args
 from docent.prompts import prompt_ids
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ class AsyncVLLMEngine(Engine):
             top_p=request.top_p,
             stop=request.stop or None,
             seed=request.seed,
+            extra_args=sampling_extra_args(request),
             # Each output carries only the new text and tokens. vLLM holds back text that
             # may be the start of a stop string, so the deltas never need taking back.
             output_kind=RequestOutputKind.DELTA,

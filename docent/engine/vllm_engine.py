@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from docent.engine.base import ChatRequest, Completion, Engine, EngineUnavailableError, Progress
+from docent.engine.quote_guard import EXTRA_ARGS_KEY, VLLM_PROCESSOR
 from docent.hardware import cpu_has_bf16
 from docent.prompts import prompt_ids
 
@@ -42,6 +43,8 @@ def engine_options(
         "enable_lora": enable_lora,
         "enforce_eager": enforce_eager,
         "seed": 0,
+        # Registered always; it acts only on requests that carry quote sources.
+        "logits_processors": [VLLM_PROCESSOR],
     }
     if enable_lora:
         options.update(max_lora_rank=max_lora_rank, max_loras=MAX_LORAS)
@@ -91,6 +94,13 @@ def engine_died(exc: BaseException) -> EngineUnavailableError:
     else:
         fix = "start again (a new engine is built), or use --engine hf"
     return EngineUnavailableError(f"the vllm engine died ({why}): {fix}")
+
+
+def sampling_extra_args(request: ChatRequest) -> dict[str, Any] | None:
+    """What Docent's own vLLM logits processors read from a request."""
+    if request.quote_sources:
+        return {EXTRA_ARGS_KEY: list(request.quote_sources)}
+    return None
 
 
 class VLLMEngine(Engine):
@@ -149,6 +159,7 @@ class VLLMEngine(Engine):
             top_p=request.top_p,
             stop=request.stop or None,
             seed=request.seed,
+            extra_args=sampling_extra_args(request),
         )
 
     def generate(

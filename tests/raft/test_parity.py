@@ -17,7 +17,7 @@ from raft.build import build_raft_set
 from raft.show import load_examples
 from raft.train import make_trainer, to_prompt_completion, train_adapter
 
-from conftest import ORBIT_FACTS, write_corpus, write_qa
+from conftest import ORBIT_FACTS, run_script, write_corpus, write_qa
 
 FACTS = ORBIT_FACTS
 EIGHT = [
@@ -117,3 +117,67 @@ def test_a_model_trained_to_near_zero_loss_says_its_answers_back(eight):
     merged = HFEngine(str(folder / "merged"), dtype="float32")
     plain = [ChatRequest(r["messages"][:-1], max_tokens=96) for r in records]
     assert reproduced([c.text for c in merged.generate(plain)]) >= 7
+    # The quote guard leaves quotes of the given documents as they are...
+    assert reproduced([c.text for c in merged.generate(_guarded(records, None))]) >= 7
+    # ...and holds every quote to the sources it is given, whatever the model learnt to write.
+    _assert_quotes_from(ELSEWHERE, [c.text for c in merged.generate(_guarded(records, ELSEWHERE))])
+
+
+ELSEWHERE = ("Orbit visitors sign in at the front office and wear a red lanyard. "
+             "Parking permits for the Orbit garage are issued every January.")
+
+
+def _guarded(records: list[dict], sources: str | None) -> list:
+    """Requests whose quotes are held to ``sources`` (None: the documents in the prompt)."""
+    from docent.engine import ChatRequest
+
+    return [ChatRequest(r["messages"][:-1], max_tokens=96,
+                        quote_sources=[sources or r["messages"][-2]["content"]])
+            for r in records]
+
+
+def _assert_quotes_from(source: str, texts: list[str]) -> None:
+    from docent.prompts import parse_answer
+    from eval.metrics import quote_found
+
+    quotes = [q for t in texts for q in parse_answer(t).quotes]
+    assert sum(1 for t in texts if parse_answer(t).quotes) >= 6, texts  # the model still quotes
+    assert all(quote_found(q, [source]) for q in quotes), texts
+
+
+VLLM_GUARD = """
+import json, sys
+from docent.engine import ChatRequest
+from docent.engine.vllm_engine import VLLMEngine
+
+if __name__ == "__main__":
+    records, elsewhere = json.loads(sys.argv[2]), sys.argv[3]
+    engine = VLLMEngine(sys.argv[1], max_model_len=2048, kv_cache_gib=1, enable_lora=False,
+                        dtype="float32")
+    out = {}
+    for label, sources in (("plain", None), ("own", "own"), ("elsewhere", elsewhere)):
+        asks = [ChatRequest(m, max_tokens=96, quote_sources=(
+                    [] if sources is None else [m[-1]["content"] if sources == "own" else sources]))
+                for m in records]
+        out[label] = [c.text for c in engine.generate(asks)]
+    print("RESULT " + json.dumps(out))
+    engine.close()
+"""
+
+
+@pytest.mark.slow
+def test_vllm_holds_quotes_to_their_sources_like_transformers(eight, tmp_path):
+    """The guard runs inside vLLM's engine process (a logits processor loaded by name):
+    the same overfit model, served merged, keeps its answers and quotes only the sources."""
+    import json
+
+    folder = eight.workspace / "adapters" / "eight" / "merged"
+    if not folder.exists():
+        pytest.skip("needs the merged model from the overfit test")
+    records = _records(eight)
+    targets = [r["messages"][-1]["content"].strip() for r in records]
+    out = run_script(tmp_path, VLLM_GUARD, str(folder),
+                     json.dumps([r["messages"][:-1] for r in records]), ELSEWHERE)
+    for label in ("plain", "own"):
+        assert sum(t == w for t, w in zip(out[label], targets, strict=True)) >= 7, out[label]
+    _assert_quotes_from(ELSEWHERE, out["elsewhere"])
