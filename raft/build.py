@@ -19,6 +19,7 @@ from typing import Any
 
 from docent.engine import ChatRequest, Engine, build_engine, resolve_engine_kind
 from docent.errors import ConfigError, DocentError, EmptyIndexError
+from docent.hardware import auto_dtype
 from docent.progress import Progress, no_progress
 from docent.prompts import squash
 from docent.settings import DocentSettings
@@ -270,7 +271,8 @@ def build_raft_set(
 
     examples = _examples(items, chunks, by_id, settings, qa_splits, embedder, store)
     if settings.raft_cot_format == "own_words":
-        examples = _own_words(examples, by_id, settings, given_engine, report, progress)
+        examples = _own_words(examples, by_id, settings, given_engine, report, progress,
+                              raft_dir / "cache" / "own-words.sqlite")
     if previous:
         current = set(by_id)
         report.dropped_deleted_oracle = sum(
@@ -634,9 +636,12 @@ def _own_words(
     engine: Engine | None,
     report: BuildReport,
     progress: Progress,
+    cache_path: Path,
 ) -> list[Example]:
     """Targets that open with the served model's own answer (``raft.own_words``). The words
-    must be the generator's, the model being tuned, never a remote teacher's."""
+    must be the generator's, the model being tuned, never a remote teacher's. Its answers
+    are kept in ``cache_path``, keyed by prompt, generator, engine kind and dtype."""
+    from eval.answer_cache import AnswerCache
     from raft.own_words import rewrite_targets
 
     owned = engine is None or engine.kind == "openai"
@@ -644,9 +649,13 @@ def _own_words(
         kind = resolve_engine_kind(settings)
         engine = build_engine(settings, kind="hf" if kind == "openai" else kind, lora=False)
     assert engine is not None
+    dtype = auto_dtype() if settings.dtype == "auto" else settings.dtype
+    cache = AnswerCache(cache_path, {"generator": settings.generator, "engine": engine.kind,
+                                     "model": engine.model, "dtype": dtype})
     try:
-        kept, dropped = rewrite_targets(examples, by_id, engine, progress)
+        kept, dropped = rewrite_targets(examples, by_id, engine, progress, cache)
     finally:
+        cache.close()
         if owned:
             engine.close()
     merged = Counter(report.rejections) + dropped

@@ -233,6 +233,10 @@ def test_own_words_targets_open_with_the_models_sentence(tmp_path, handbook_sett
         assert meta["own_words"] and opening, answer
         assert contains_phrase(opening, meta["answer"])  # the sentence states the answer
         assert parsed.answer == meta["answer"] and parsed.quotes == [meta["quote"]]
+    # Another set from the same questions (another recipe, a rebuild) reuses the answers.
+    asked = counting.requests
+    again = build_raft_set(settings, limit=6, name="again", engine=counting, embedder=embedder)
+    assert counting.requests == asked and again.examples == report.examples
 
 
 def test_empty_workspace_is_a_clear_error(tmp_path, embedder):
