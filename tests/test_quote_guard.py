@@ -90,3 +90,22 @@ def test_open_quote_reads_where_the_output_stands():
     assert open_quote(f"a {BEGIN_QUOTE}72 ho") == ("72 ho", None)
     assert open_quote(f"a {BEGIN_QUOTE}72 hours##end_q") == ("72 hours", "##end_q")
     assert open_quote(f"a {BEGIN_QUOTE}72 hours{END_QUOTE}\n<ANSWER>: 72") is None
+
+
+def test_when_no_likely_token_fits_the_sources_say_what_may_follow(vocab):
+    guard = QuoteGuard(vocab, SOURCES)
+    tok = vocab.tokenizer
+
+    def first(text: str) -> int:
+        return tok.encode(text, add_special_tokens=False)[0]
+
+    assert first(" expire") in guard.continuations("Invitation links")
+    assert first("expire") in guard.continuations("Invitation links ")
+    opening = guard.continuations("")  # an empty quote may open any sentence
+    assert {first("Pricing"), first("Invitations"), first("Admins")} <= set(opening)
+    # Every token but a wrong one is far behind: the guard still continues from the sources.
+    logits = torch.full((len(vocab.texts),), -1e4)
+    logits[first(" last")] = 10.0
+    ids = tok.encode(f"{BEGIN_QUOTE}Invitation links", add_special_tokens=False)
+    chosen = int(guard(ids, logits).argmax())
+    assert quote_found("Invitation links" + vocab.texts[chosen], SOURCES)

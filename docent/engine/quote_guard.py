@@ -30,10 +30,11 @@ from docent.prompts import BEGIN_QUOTE, END_QUOTE, squash
 
 EXTRA_ARGS_KEY = "docent_quote_sources"  # vLLM SamplingParams.extra_args key
 VLLM_PROCESSOR = "docent.engine.quote_guard:QuoteLogitsProcessor"
-TOP_N = 64  # candidates checked per step; a wider second look runs only when none passes
-WIDE_N = 2048
+TOP_N = 64  # candidates checked per step; when none fits, the sources say what may follow
+MAX_PLACES = 64  # places in the sources a quote's continuation is looked up at
 CLOSE = END_QUOTE[:2]  # "##": the closing marker has begun
 _WHITESPACE = re.compile(r"\s+")
+_SENTENCE_START = re.compile(r"(?<=[.!?:]) |\x00")
 
 
 def _marks_end(text: str) -> bool:
@@ -121,6 +122,26 @@ class QuoteGuard:
         body = _spaces(joined).lstrip()
         return bool(body.strip()) and body in self.haystack
 
+    def continuations(self, quote: str) -> list[int]:
+        """The first token of the sources' text after each place ``quote`` occurs (at most
+        ``MAX_PLACES``); for an empty quote, of each source's sentences."""
+        body = _spaces(quote).lstrip()
+        starts: list[int] = []
+        if body.strip():
+            at = self.haystack.find(body)
+            while at >= 0 and len(starts) < MAX_PLACES:
+                starts.append(at + len(body))
+                at = self.haystack.find(body, at + 1)
+        else:
+            starts = [0, *(m.end() for m in _SENTENCE_START.finditer(self.haystack))]
+        encode = self.vocab.tokenizer.encode
+        ids: list[int] = []
+        for start in starts[:MAX_PLACES]:
+            ahead = self.haystack[start:start + 24].split("\x00")[0]
+            if ahead:
+                ids.append(int(encode(ahead, add_special_tokens=False)[0]))
+        return list(dict.fromkeys(ids))
+
     def __call__(self, output_ids: Sequence[int], logits: Any) -> Any:
         if not self.haystack:
             return logits
@@ -143,12 +164,12 @@ class QuoteGuard:
             def fits(i: int) -> bool:
                 return bool(texts[i]) and _marks_end(marker + texts[i])
             fallback = self.vocab.end_ids(marker)
-        allowed: list[int] = []
-        for n in (TOP_N, WIDE_N):
-            top = torch.topk(logits[:usable], min(n, usable)).indices.tolist()
-            allowed = [i for i in top if fits(i)]
-            if allowed:
-                break
+        top = torch.topk(logits[:usable], min(TOP_N, usable)).indices.tolist()
+        allowed = [i for i in top if fits(i)]
+        if not allowed and marker is None:
+            # None of the likeliest tokens fits (the model means another text): the next
+            # tokens the sources themselves allow, found from where the quote occurs in them.
+            allowed = [i for i in self.continuations(quote) if fits(i)]
         if not allowed:
             if fallback < 0:
                 return logits
