@@ -153,7 +153,7 @@ from docent.engine.vllm_engine import VLLMEngine
 if __name__ == "__main__":
     records, elsewhere = json.loads(sys.argv[2]), sys.argv[3]
     engine = VLLMEngine(sys.argv[1], max_model_len=2048, kv_cache_gib=1, enable_lora=False,
-                        dtype="float32")
+                        dtype="float32", enforce_eager=True)
     out = {}
     for label, sources in (("plain", None), ("own", "own"), ("elsewhere", elsewhere)):
         asks = [ChatRequest(m, max_tokens=96, quote_sources=(
