@@ -60,7 +60,7 @@ class TokenTexts:
         close = tokenizer.encode(END_QUOTE, add_special_tokens=False)
         self.close_id: int = int(close[0])
 
-    def end_ids(self, marker: str) -> int:
+    def end_id(self, marker: str) -> int:
         """The first token of what is left of the closing marker after ``marker``."""
         rest = END_QUOTE[len(marker):] if END_QUOTE.startswith(marker) else END_QUOTE
         ids = self.tokenizer.encode(rest or END_QUOTE, add_special_tokens=False)
@@ -163,7 +163,7 @@ class QuoteGuard:
         else:
             def fits(i: int) -> bool:
                 return bool(texts[i]) and _marks_end(marker + texts[i])
-            fallback = self.vocab.end_ids(marker)
+            fallback = self.vocab.end_id(marker)
         top = torch.topk(logits[:usable], min(TOP_N, usable)).indices.tolist()
         allowed = [i for i in top if fits(i)]
         if not allowed and marker is None:
