@@ -94,26 +94,33 @@ class Attribution:
     sentence: str  # verbatim from the chunk (its whitespace kept, so pages can highlight it)
 
 
-def attribute(answer: str, docs: Sequence[ContextDoc], question: str = "") -> Attribution | None:
-    """The sentence of a retrieved chunk that states ``answer`` (see ``supports``), or None.
+def evidences(sentence: str, answer: str, question: str) -> bool:
+    """Whether ``sentence`` is evidence for ``answer`` to ``question``: it states the answer
+    (``supports``) and, for a short answer, is about what was asked. "CEO" or "30 days" is
+    stated by many sentences; only one sharing a content word with ``question`` (when the
+    question has any: every handbook question shares one with its evidence sentence) counts.
+    Quotes and attributed sentences are held to this same rule, so a model cannot ground an
+    answer by quoting an unrelated sentence that happens to hold it."""
+    if not supports(sentence, answer):
+        return False
+    asked = content_words(question) if question.strip() else set()
+    short = len(content_words(_unmarked(answer))) < SHORT_ANSWER_WORDS
+    return not (short and asked and not asked & content_words(sentence))
 
-    A short answer ("CEO", "3") is stated by many sentences; only one that is about what was
-    asked is evidence, so for short answers the sentence must also share a content word with
-    ``question`` (when the question has any: every handbook question shares one with its
-    evidence sentence). Of the supporting sentences, the one sharing most content words with
-    the question wins; on ties the higher-ranked chunk, then the earlier sentence."""
+
+def attribute(answer: str, docs: Sequence[ContextDoc], question: str = "") -> Attribution | None:
+    """The sentence of a retrieved chunk that is evidence for ``answer`` (``evidences``), or
+    None. Of those, the one sharing most content words with the question wins; on ties the
+    higher-ranked chunk, then the earlier sentence."""
     if not normalize_answer(_unmarked(answer)):
         return None
     asked = content_words(question) if question.strip() else set()
-    short = len(content_words(_unmarked(answer))) < SHORT_ANSWER_WORDS
     best: tuple[int, Attribution] | None = None
     for n, doc in enumerate(docs):
         for sentence in sentences(doc.text):
-            if not supports(sentence, answer):
+            if not evidences(sentence, answer, question):
                 continue
             overlap = len(asked & content_words(sentence))
-            if short and asked and not overlap:
-                continue
             if best is None or overlap > best[0]:
                 best = (overlap, Attribution(n, _verbatim(sentence, doc.text)))
     return best[1] if best else None

@@ -32,7 +32,7 @@ from retrieval import Filters, Hit, Retriever
 from retrieval.fusion import reciprocal_rank_fusion
 from serving.adapters import AdapterCatalog
 from serving.admission import Admission
-from serving.attribution import attribute, final_answer, supports
+from serving.attribution import attribute, evidences, final_answer
 from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -359,7 +359,7 @@ def ground(
     answer neither supports is ungrounded; a decline never is (it claims nothing). ``answer``
     is what the output commits to (``final_answer``), the same text eval scores."""
     citations, unsupported = cite(quotes, hits)
-    if declined or any(supports(c.quote, answer) for c in citations):
+    if declined or any(evidences(c.quote, answer, question) for c in citations):
         return Evidence(citations, unsupported, False)
     found = attribute(answer, hits, question)
     if found is None:

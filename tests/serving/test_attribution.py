@@ -94,6 +94,17 @@ def test_a_short_answer_must_come_from_a_sentence_about_the_question():
     assert found is not None and found.document == 0 and found.sentence.startswith("The CEO")
 
 
+def test_a_quote_about_something_else_does_not_ground_a_short_answer():
+    # The quote is in a retrieved chunk and holds "5 business days", but it is about refunds:
+    # a model must not ground an answer about invitations by quoting it.
+    refund = "Refunds are paid back to the original card within 5 business days."
+    evidence = ground(INVITE_Q, "5 business days", False, [refund], HITS)
+    assert evidence.ungrounded and [c.kind for c in evidence.citations] == ["quote"]
+    # The same quote grounds the same answer to the question it is about.
+    assert not ground("When are refunds paid back?", "5 business days", False, [refund],
+                      HITS).ungrounded
+
+
 def test_whitespace_of_the_chunk_is_kept_so_pages_can_highlight_the_sentence():
     hit = _hit(1, "Links are valid  for\t72 hours.")
     found = attribute("72 hours", [hit], "How long are links valid?")
