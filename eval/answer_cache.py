@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,38 @@ class AnswerCache:
         )
         self.db.commit()
         self.stored += len(rows)
+
+    def answers(
+        self,
+        generate: Callable[[list[ChatRequest]], list[Completion]],
+        items: Sequence[tuple[str, ChatRequest]],
+        adapter_identity: str | None,
+        system: str,
+        *,
+        batch: int,
+        fresh: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Completion]:
+        """The completions of ``items`` ((qid, request) pairs): stored ones from here, the rest
+        from ``generate`` in batches of ``batch``, each batch stored as it finishes (so a crash
+        loses at most one). ``fresh`` asks ``generate`` for every item again."""
+        keys = [self.key(r, adapter_identity) for _, r in items]
+        found: list[Completion | None] = [None if fresh else self.get(k) for k in keys]
+        todo = [i for i, c in enumerate(found) if c is None]
+        done = len(items) - len(todo)
+        if progress:
+            progress(done, len(items))
+        for start in range(0, len(todo), batch):
+            rows = todo[start:start + batch]
+            made = generate([items[i][1] for i in rows])
+            self.put_many([(keys[i], system, items[i][0], c)
+                           for i, c in zip(rows, made, strict=True)])
+            for i, c in zip(rows, made, strict=True):
+                found[i] = c
+            done += len(rows)
+            if progress:
+                progress(done, len(items))
+        return [c for c in found if c is not None]
 
     def close(self) -> None:
         self.db.close()

@@ -182,24 +182,14 @@ class _Answerer:
                            quote_sources=list(quote_sources))
 
     def __call__(self, system: str, items: Sequence[tuple[str, ChatRequest]]) -> list[Completion]:
-        keys = [self.cache.key(r, self.variant.identity) for _, r in items]
-        found = [None if self.fresh else self.cache.get(k) for k in keys]
-        todo = [i for i, c in enumerate(found) if c is None]
-        for start in range(0, len(todo), BATCH):
-            batch = todo[start:start + BATCH]
-            try:
-                done = self.engine.generate([items[i][1] for i in batch])
-            except (EngineUnavailableError, RuntimeError, TimeoutError) as exc:
-                raise EvalInterruptedError(
-                    f"{_one_line(exc)} — {self.cache.stored} answers of this run are kept in "
-                    f"{self.cache.path}: run the same `docent eval` again to resume"
-                ) from exc
-            for i, c in zip(batch, done, strict=True):
-                found[i] = c
-            self.cache.put_many(
-                [(keys[i], system, items[i][0], c) for i, c in zip(batch, done, strict=True)]
-            )
-        return [c for c in found if c is not None]
+        try:
+            return self.cache.answers(self.engine.generate, items, self.variant.identity,
+                                      system, batch=BATCH, fresh=self.fresh)
+        except (EngineUnavailableError, RuntimeError, TimeoutError) as exc:
+            raise EvalInterruptedError(
+                f"{_one_line(exc)} — {self.cache.stored} answers of this run are kept in "
+                f"{self.cache.path}: run the same `docent eval` again to resume"
+            ) from exc
 
 
 def _one_line(exc: BaseException) -> str:

@@ -152,18 +152,5 @@ def _answers(
     """The engine's answers to ``requests``, from ``cache`` where it holds them."""
     if cache is None:
         return engine.generate(requests, progress=progress)
-    keys = [cache.key(r, None) for r in requests]
-    found: list[Completion | None] = [cache.get(k) for k in keys]
-    todo = [i for i, c in enumerate(found) if c is None]
-    done = len(requests) - len(todo)
-    progress(done, len(requests))
-    for start in range(0, len(todo), CACHE_BATCH):
-        batch = todo[start:start + CACHE_BATCH]
-        answers = engine.generate([requests[i] for i in batch])
-        cache.put_many([(keys[i], "own_words", ids[i], c)
-                        for i, c in zip(batch, answers, strict=True)])
-        for i, c in zip(batch, answers, strict=True):
-            found[i] = c
-        done += len(batch)
-        progress(done, len(requests))
-    return [c for c in found if c is not None]
+    return cache.answers(engine.generate, list(zip(ids, requests, strict=True)), None,
+                         "own_words", batch=CACHE_BATCH, progress=progress)
