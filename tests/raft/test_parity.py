@@ -117,9 +117,9 @@ def test_a_model_trained_to_near_zero_loss_says_its_answers_back(eight):
     merged = HFEngine(str(folder / "merged"), dtype="float32")
     plain = [ChatRequest(r["messages"][:-1], max_tokens=96) for r in records]
     assert reproduced([c.text for c in merged.generate(plain)]) >= 7
-    # The quote guard leaves quotes of the given documents as they are...
-    assert reproduced([c.text for c in merged.generate(_guarded(records, None))]) >= 7
-    # ...and holds every quote to the sources it is given, whatever the model learnt to write.
+    # The quote guard holds every quote to the sources it is given, whatever the model learnt
+    # to write. (That it leaves quotes of the given documents as they are is checked through
+    # vLLM below, with the same guard: one pass less of transformers' slow CPU decoding.)
     _assert_quotes_from(ELSEWHERE, [c.text for c in merged.generate(_guarded(records, ELSEWHERE))])
 
 
@@ -127,12 +127,11 @@ ELSEWHERE = ("Orbit visitors sign in at the front office and wear a red lanyard.
              "Parking permits for the Orbit garage are issued every January.")
 
 
-def _guarded(records: list[dict], sources: str | None) -> list:
-    """Requests whose quotes are held to ``sources`` (None: the documents in the prompt)."""
+def _guarded(records: list[dict], sources: str) -> list:
+    """Requests whose quotes are held to ``sources``."""
     from docent.engine import ChatRequest
 
-    return [ChatRequest(r["messages"][:-1], max_tokens=96,
-                        quote_sources=[sources or r["messages"][-2]["content"]])
+    return [ChatRequest(r["messages"][:-1], max_tokens=96, quote_sources=[sources])
             for r in records]
 
 
