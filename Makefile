@@ -63,7 +63,7 @@ lint: setup
 # what tuning gains; bench/raft_gain.py measures that (README, "Does tuning pay?"). ENGINE=auto picks vLLM
 # on CUDA and AVX-512 CPUs (where a CPU runs the adapter as merged weights) and transformers
 # elsewhere; ENGINE=hf or ENGINE=vllm forces one. tests/test_demo.py runs this same target on a
-# tiny budget with every installed engine. Measured: 14 min 49 s on a 2-core AVX2 EPYC (before the
+# tiny budget with the engine auto picks (then the vLLM eval step where that is transformers). Measured: 14 min 49 s on a 2-core AVX2 EPYC (before the
 # engine change), 9 min 20 s on a 2-core AVX512-BF16 EPYC (vLLM, merged adapter).
 DEMO_STEPS ?= 4
 DEMO_QUESTIONS ?= 8
