@@ -34,6 +34,8 @@ COVERAGE = 0.75
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCT = set(string.punctuation) | {"“", "”", "‘", "’", "«", "»", "–", "—", "…"}
+_ALTERNATIVES = re.compile(r"\bor\b", re.IGNORECASE)
+_POLARITY = re.compile(r"\b(yes|no|not|never|none|nothing|nobody|cannot|cant|only)\b|n t\b")
 _FIRST_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])|\n")
 
 
@@ -86,6 +88,21 @@ def supports(sentence: str, answer: str) -> bool:
     return len(wanted & content_words(sentence)) >= COVERAGE * len(wanted)
 
 
+def echoes(answer: str, question: str) -> bool:
+    """Whether ``answer`` says nothing the question does not: all its content words and
+    numbers are the question's ("Quillfeather API" for "Which languages have an official
+    Quillfeather API SDK?", run 5's answer to a question the handbook cannot answer). A yes/no
+    answer ("does not count") states its polarity, and a pick from alternatives the question
+    offers ("... A or B?") states the pick, so neither echoes."""
+    text = _unmarked(answer)
+    wanted = content_words(text)
+    if not wanted or not question.strip() or _ALTERNATIVES.search(question):
+        return False
+    if _POLARITY.search(normalize_answer(text)):
+        return False
+    return wanted <= content_words(question) and numbers(text) <= numbers(question)
+
+
 @dataclass(frozen=True)
 class Attribution:
     """The retrieved sentence an answer is attributed to."""
@@ -100,8 +117,9 @@ def evidences(sentence: str, answer: str, question: str) -> bool:
     stated by many sentences; only one sharing a content word with ``question`` (when the
     question has any: every handbook question shares one with its evidence sentence) counts.
     Quotes and attributed sentences are held to this same rule, so a model cannot ground an
-    answer by quoting an unrelated sentence that happens to hold it."""
-    if not supports(sentence, answer):
+    answer by quoting an unrelated sentence that happens to hold it. An answer that only
+    echoes the question (``echoes``) has no evidence: it states nothing to support."""
+    if not supports(sentence, answer) or echoes(answer, question):
         return False
     asked = content_words(question) if question.strip() else set()
     short = len(content_words(_unmarked(answer))) < SHORT_ANSWER_WORDS

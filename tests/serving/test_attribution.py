@@ -13,7 +13,7 @@ import pytest
 from docent.engine import ChatRequest, Completion, Engine
 from docent.prompts import DECLINE_ANSWER
 from retrieval import Hit
-from serving.attribution import attribute, supports
+from serving.attribution import attribute, echoes, supports
 from serving.rag import UNSUPPORTED, declines_ungrounded, ground
 
 from conftest import free_port, serve_in_thread, sse_events, write_corpus
@@ -103,6 +103,20 @@ def test_a_quote_about_something_else_does_not_ground_a_short_answer():
     # The same quote grounds the same answer to the question it is about.
     assert not ground("When are refunds paid back?", "5 business days", False, [refund],
                       HITS).ungrounded
+
+
+def test_an_answer_that_only_echoes_the_question_is_ungrounded():
+    # Run 5's answer to a question the handbook cannot answer, "grounded" by quoting the API
+    # sentence: it names nothing the question did not.
+    api = "The Quillfeather REST API lets you automate your workspace."
+    hits = [_hit(1, api)]
+    question = "Which programming languages have an official Quillfeather API SDK?"
+    assert echoes("Quillfeather API", question)
+    assert ground(question, "Quillfeather API", False, [api], hits).ungrounded
+    # A yes/no answer states its polarity, a pick states the alternative picked.
+    assert not echoes("does not count", "Does version history count towards the quota?")
+    assert not echoes("Team plan", "Is the Pro plan or the Team plan cheaper?")
+    assert not echoes("REST API", "Which Quillfeather API SDK is official?")
 
 
 def test_whitespace_of_the_chunk_is_kept_so_pages_can_highlight_the_sentence():
