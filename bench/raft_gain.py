@@ -52,6 +52,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "raft_cot_format": "own_words", "raft_refusal_related": True,
         "raft_refusal_fraction": 0.15,
     },
+    "own_words+rehearsal": {"raft_cot_format": "own_words", "train_rehearsal": 0.25},
     "p0.8": {"raft_p_oracle": 0.8},
     "lr3e-4": {"train_lr": 3e-4},
     "k5": {"raft_distractors": 4, "top_k": 5},

@@ -360,6 +360,11 @@ def train(
     max_length: Annotated[int | None, typer.Option(help="Tokens per packed row.")] = None,
     eval_steps: Annotated[int | None, typer.Option(help="Validate every N steps.")] = None,
     qlora: Annotated[bool, typer.Option(help="4-bit base (CUDA only).")] = False,
+    rehearsal: Annotated[
+        float | None,
+        typer.Option(help="Share of the mix replaying the base model's own general answers "
+                     "(0 to 0.5; against forgetting)."),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Adapter name.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run.")] = False,
     merge: Annotated[bool, typer.Option(help="Also write a merged full model.")] = False,
@@ -397,6 +402,7 @@ def train(
         train_max_length=max_length,
         train_eval_steps=eval_steps,
         train_qlora=qlora or None,
+        train_rehearsal=rehearsal,
         engine=engine,
     )
     result = _run_stage(

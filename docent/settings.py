@@ -160,6 +160,11 @@ class DocentSettings(BaseSettings):
         default=None, description="Packed padding-free rows; default: on with CUDA, off on CPU."
     )
     train_qlora: bool = Field(default=False, description="4-bit base (bitsandbytes, CUDA only).")
+    train_rehearsal: float = Field(
+        default=0.0, ge=0, le=0.5,
+        description="Share of the training mix that replays the base model's own answers to "
+        "general requests it wrote itself (raft/rehearsal.py), against forgetting.",
+    )
 
     # Choosing adapters by their answers (docent tune, train --promote).
     tune_val_questions: int = Field(

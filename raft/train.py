@@ -31,6 +31,7 @@ from docent.settings import DocentSettings
 from docent.workspace import Workspace
 from raft import show
 from raft.adapters import METADATA, AdapterRegistry
+from raft.rehearsal import rehearsal_count, rehearsal_rows
 
 log = logging.getLogger(__name__)
 RUNS = ".runs"
@@ -165,6 +166,13 @@ def train_adapter(
     )
 
     model = _load_base(base_path, settings, cuda, bf16)
+    rehearsed, rehearsal_rejected = rehearsal_rows(
+        model, tokenizer, rehearsal_count(len(train_rows), settings.train_rehearsal),
+        seed=settings.seed, generator=generator_id(settings.generator),
+        cache_dir=ws.raft_dir / "cache", progress=progress,
+    )
+    raft_rows = len(train_rows)
+    train_rows += rehearsed
     trainer = make_trainer(
         settings, model, tokenizer, train_rows, val_rows, run_dir,
         cuda=cuda, bf16=bf16, callbacks=[_progress_callback(progress), *(callbacks or [])],
@@ -215,7 +223,9 @@ def train_adapter(
         "device": "cuda" if cuda else "cpu",
         "dtype": ("bfloat16" if cuda else "float32 + bf16 autocast") if bf16 else "float32",
         "hardware": describe(),
-        "examples": {"train": len(train_rows), "validation": len(val_rows)},
+        "examples": {"train": raft_rows, "validation": len(val_rows),
+                     "rehearsal": len(rehearsed)},
+        "rehearsal_rejected": dict(rehearsal_rejected),
         "result": {k: v for k, v in asdict(result).items() if k != "log_history"},
         "loss_curve": [
             {k: h[k] for k in ("step", "loss", "eval_loss") if k in h}

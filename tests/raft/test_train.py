@@ -15,6 +15,7 @@ from docent.settings import DocentSettings
 from ingest.pipeline import refresh_index
 from raft.adapters import METADATA, AdapterError, AdapterRegistry
 from raft.build import build_raft_set
+from raft.rehearsal import rehearsal_count
 from raft.train import TRAINING, train_adapter
 
 from conftest import ORBIT_FACTS, run_script, write_corpus, write_qa
@@ -243,3 +244,21 @@ def test_registry_promote_rollback_and_base_mismatch(tmp_path):
         registry.get("nope")
     registry.update_metadata("a", eval={"accuracy": 0.5})
     assert registry.get("a").metadata["eval"] == {"accuracy": 0.5}
+
+
+def test_training_mixes_in_rehearsal_and_caches_it(tiny_set):
+    settings = tiny_set.with_overrides(train_max_steps=1, train_rehearsal=0.4)
+    result = train_adapter(settings, dataset="tiny", name="rehearsed")
+    meta = json.loads((tiny_set.workspace / "adapters" / "rehearsed" / "metadata.json").read_text())
+    want = rehearsal_count(meta["examples"]["train"], 0.4)
+    assert result.steps == 1 and meta["examples"]["rehearsal"] == want > 0
+    assert meta["hyperparameters"]["train_rehearsal"] == 0.4
+    cache = tiny_set.workspace / "raft" / "cache" / "rehearsal.jsonl"
+    rows = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert len(rows) == want
+    for row in rows:
+        assert "?" in row["request"] and row["answer"].strip()
+        assert row["key"]["generator"] and row["key"]["seed"] == settings.seed
+    # A second run takes the cached pairs: nothing new is written.
+    train_adapter(settings, dataset="tiny", name="rehearsed-again")
+    assert cache.read_text().splitlines() == [json.dumps(r) for r in rows]
