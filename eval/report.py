@@ -64,9 +64,11 @@ def headline(result: EvalResult) -> list[str]:
         )
     if result.forgetting.get("raft") is not None:
         f = result.forgetting
+        paired = (f" ({f['lost']:.0f} lost, {f['gained']:.0f} gained)"
+                  if "lost" in f and "gained" in f else "")
         lines.append(
             f"Forgetting probe ({f['probes']:.0f} general questions, no documents): base "
-            f"{pct(f['base'])}, tuned {pct(f['raft'])}."
+            f"{pct(f['base'])}, tuned {pct(f['raft'])}{paired}."
         )
     return lines
 
@@ -176,7 +178,7 @@ def markdown(result: EvalResult, plots: list[Path]) -> str:
     if result.forgetting:
         parts += ["", "## Forgetting probe", "",
                   " · ".join(f"{k}: {pct(v)}" for k, v in result.forgetting.items()
-                             if k != "probes")]
+                             if k not in ("probes", "lost", "gained"))]
     parts += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     return "\n".join(parts)
 

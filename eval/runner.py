@@ -247,6 +247,7 @@ def run_eval(
         located = _located(questions, retriever) if sweep else []
         predictions: list[Prediction] = []
         sweep_scores: dict[str, dict[str, float]] = {}
+        per_probe: dict[str, list[float]] = {}
         forgot: dict[str, float] = {}
         answered = 0
         for variant in variants:
@@ -261,9 +262,8 @@ def run_eval(
                     sweep_scores.update(_sweep(ask, located, hits, variant.systems, settings,
                                                max_tokens, progress))
                 if forgetting:
-                    forgot[variant.label] = _forgetting(ask, max_tokens)
-        if forgot:
-            forgot["probes"] = float(len(_probes()))
+                    per_probe[variant.label] = _forgetting(ask, max_tokens)
+        forgot = _forgetting_scores(per_probe)
     finally:
         retriever.close()
         cache.close()
@@ -485,10 +485,25 @@ def _probes() -> list[dict[str, Any]]:
     return [json.loads(line) for line in PROBES.read_text().splitlines() if line.strip()]
 
 
-def _forgetting(ask: _Answerer, max_tokens: int) -> float:
-    """General-knowledge accuracy without documents, for one set of weights. It counts a gold
-    anywhere in the output, unlike the headline: the probe asks for a short free answer with no
-    ``<ANSWER>:`` format, and a tuned and a base model are compared with the same rule."""
+def _forgetting_scores(per_probe: dict[str, list[float]]) -> dict[str, float]:
+    """Each set of weights' probe accuracy, the probe count, and, with both, the probes the
+    tuned model lost and gained against the base: a drop of a few points on a probe of this
+    size can be one or two answers, so the paired counts say how much of it is churn."""
+    out = {label: m.mean(v) for label, v in per_probe.items()}
+    if per_probe:
+        out["probes"] = float(len(next(iter(per_probe.values()))))
+    base, raft = per_probe.get("base"), per_probe.get("raft")
+    if base is not None and raft is not None:
+        out["lost"] = float(sum(b > r for b, r in zip(base, raft, strict=True)))
+        out["gained"] = float(sum(r > b for b, r in zip(base, raft, strict=True)))
+    return out
+
+
+def _forgetting(ask: _Answerer, max_tokens: int) -> list[float]:
+    """General-knowledge answers scored without documents, one per probe, for one set of
+    weights. It counts a gold anywhere in the output, unlike the headline: the probe asks for a
+    short free answer with no ``<ANSWER>:`` format, and a tuned and a base model are compared
+    with the same rule."""
     rows = _probes()
     items = [
         (str(n), ask.request([{"role": "user", "content": f"Answer briefly. {r['question']}"}],
@@ -496,7 +511,7 @@ def _forgetting(ask: _Answerer, max_tokens: int) -> float:
         for n, r in enumerate(rows)
     ]
     completions = ask(f"probe:{ask.variant.label}", items)
-    return m.mean([
+    return [
         m.gold_contained(c.text, [r["answer"], *r.get("aliases", [])])
         for r, c in zip(rows, completions, strict=True)
-    ])
+    ]

@@ -60,7 +60,11 @@ def test_make_demo_runs_the_whole_loop(tmp_path):
     raft_answers = [p for p in latest["predictions"] if p["system"] == "raft+rag"]
     assert len(raft_answers) == 3
     assert any(p["raw"] for p in raft_answers if not p["skipped_generation"])
-    assert set(latest["forgetting"]) == {"base", "raft", "probes"}
+    forgot = latest["forgetting"]
+    assert set(forgot) == {"base", "raft", "probes", "lost", "gained"}
+    # The paired counts account for the whole change in probe accuracy.
+    assert round((forgot["raft"] - forgot["base"]) * forgot["probes"]) == (
+        forgot["gained"] - forgot["lost"])
     report = (workspace / "reports" / latest["folder"] / "report.md").read_text()
     assert f"engine {engine}" in report and "cores" in report
 

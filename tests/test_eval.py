@@ -127,7 +127,8 @@ def test_small_eval_run_writes_the_report(tmp_path, handbook_settings, embedder,
     for scores in result.systems.values():
         assert 0.0 <= scores["accuracy"] <= scores["answer_rate"] <= 1.0
     assert set(result.sweep["base+rag"]) == {"0", "1", "2", "4", "8"}
-    assert result.forgetting["probes"] == 30 and "raft" not in result.forgetting
+    assert result.forgetting["probes"] == 100
+    assert "raft" not in result.forgetting and "lost" not in result.forgetting  # no adapter
     assert len(result.predictions) == 12
 
     folder = write_report(result, tmp_path / "reports")
