@@ -43,7 +43,9 @@ def normalize_answer(text: str) -> str:
     text = unicodedata.normalize("NFKD", text)
     text = "".join(ch for ch in text if not unicodedata.combining(ch))
     text = text.lower()
-    text = "".join(" " if ch in _PUNCT else ch for ch in text)
+    # Symbols separate words as punctuation does: "0°C" states "0", "€29" states "29".
+    text = "".join(" " if ch in _PUNCT or unicodedata.category(ch)[0] in "PS" else ch
+                   for ch in text)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 

@@ -25,6 +25,9 @@ from conftest import HANDBOOK
         ("The Café", ["cafe"], 1.0, 1.0),  # accents, articles and case folded
         ("ＱＦ-４１２７", ["QF-4127"], 1.0, 1.0),  # full-width forms (NFKD)
         ("“Commonplace”", ["Commonplace"], 1.0, 1.0),
+        ("Water freezes at 0°C.", ["0"], 0.0, 1.0),  # symbols separate words
+        ("It costs €29 a seat", ["29"], 0.0, 1.0),
+        ("20°C", ["0"], 0.0, 0.0),
     ],
 )
 def test_answer_matching(pred, golds, em, contained):
