@@ -63,13 +63,19 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
-def run_recipe(name: str, settings: Any, steps: int, embedder: Any,
+def folder_name(recipe: str) -> str:
+    """The RAFT set's and adapter's name for a recipe: "+" is not allowed in them."""
+    return recipe.replace("+", "-")
+
+
+def run_recipe(recipe: str, settings: Any, steps: int, embedder: Any,
                full: bool) -> dict[str, Any]:
     from eval.runner import run_eval
     from eval.validation import prepare_validation, score_validation
     from raft.build import build_raft_set
     from raft.train import train_adapter
 
+    name = folder_name(recipe)
     started = time.perf_counter()
     built = build_raft_set(settings, name=name, embedder=embedder)
     trained = train_adapter(
@@ -83,7 +89,7 @@ def run_recipe(name: str, settings: Any, steps: int, embedder: Any,
     test = run_eval(settings, QA_FILE, systems=systems, adapter=name, split="test",
                     embedder=embedder, forgetting=True)
     return {
-        "recipe": name,
+        "recipe": recipe,
         "settings": {k: settings.model_dump()[k] for k in BASE},
         "examples": built.examples,
         "questions_accepted": built.questions_accepted,
@@ -148,7 +154,8 @@ def main() -> None:
     try:
         for i, name in enumerate(names):
             settings = base.with_overrides(**{**BASE, **RECIPES[name]})
-            for old in (workspace / "raft" / name, workspace / "adapters" / name):
+            for old in (workspace / "raft" / folder_name(name),
+                        workspace / "adapters" / folder_name(name)):
                 shutil.rmtree(old, ignore_errors=True)
             rows.append(run_recipe(name, settings, args.steps, embedder, full=i == 0))
             print(table(rows), flush=True)
