@@ -207,11 +207,12 @@ class DocentSettings(BaseSettings):
         description="Best dense cosine below this = nothing relevant: decline without asking "
         "the model (0.35 sits between off-topic questions, <=0.31, and handbook ones, >=0.45).",
     )
-    decline_ungrounded: Literal["never", "support", "always"] = Field(
-        default="support",
+    decline_ungrounded: Literal["never", "support", "tuned", "always"] = Field(
+        default="tuned",
         description="Replace an answer that no retrieved chunk supports (no supporting quote, "
         "no sentence stating it) by a decline: never (only flag it `ungrounded`), support (in "
-        "support-mode chats), always (every answer, and `docent eval`'s RAG systems).",
+        "support-mode chats), tuned (every answer a RAFT adapter gives, and support-mode chats "
+        "with the base model), always (every answer). `docent eval` follows it per system.",
     )
     max_question_chars: int = Field(default=4000, ge=1)
     max_k: int = Field(default=20, ge=1, le=200)

@@ -9,8 +9,9 @@ Four systems answer the same questions with the same retrieval and the same gree
 
 RAG systems decline without asking the model when retrieval finds nothing relevant, and tie
 answers to their evidence (quotes, or the retrieved sentence that states the answer), exactly
-as serving does: an answer no retrieved chunk supports is flagged ungrounded, and declined when
-``decline_ungrounded`` is "always" (the rule plain ``/v1/ask`` follows). Accuracy, EM and F1
+as serving does: an answer no retrieved chunk supports is flagged ungrounded, and declined under
+the ``decline_ungrounded`` rule plain ``/v1/ask`` follows (by default, "tuned": the adapter's
+ungrounded answers are declined, the base model's only flagged). Accuracy, EM and F1
 score the final answer only (``metrics.final_answer``); gold anywhere in the output is kept as
 a secondary figure. A distractor sweep gives each RAG system the oracle chunk plus N of the
 question's top non-oracle hits, and a forgetting probe asks general-knowledge questions of
@@ -368,7 +369,9 @@ def _answer(
         items.append((q.id, ask.request(build_messages(q.question, docs), max_tokens, sources)))
         todo.append((q, docs))
     completions = ask(system, items)
-    decline = declines_ungrounded(settings.decline_ungrounded, None)
+    # Answers are declined as serving would decline them to a plain question: by the adapter
+    # answering (``raft`` systems) or the base model.
+    decline = declines_ungrounded(settings.decline_ungrounded, None, system.startswith("raft"))
     for (q, docs), c in zip(todo, completions, strict=True):
         parsed = parse_answer(c.text)
         p = Prediction(q.id, system, c.text, m.final_answer(c.text),

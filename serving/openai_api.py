@@ -195,7 +195,9 @@ async def chat_completions(
         yield chunk({"role": "assistant", "content": ""})
         # Where an ungrounded answer would be declined, the answer line is held back until
         # the evidence is checked: a client must never be streamed the answer it then loses.
-        hold = declines_ungrounded(state.settings.decline_ungrounded, options.mode)
+        hold = declines_ungrounded(
+            state.settings.decline_ungrounded, options.mode, first.adapter is not None
+        )
         shaper = AnswerStreamer(raw=options.include_reasoning, hold=hold)
         try:
             async for event in events:

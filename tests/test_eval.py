@@ -260,7 +260,7 @@ class ScriptedEngine:
         return out
 
 
-def _eval_answers(tmp_path, decline: str = "support"):
+def _eval_answers(tmp_path, decline: str = "support", system: str = "base+rag"):
     from docent.settings import DocentSettings
     from eval.answer_cache import AnswerCache
     from eval.runner import Question, _answer, _Answerer, _system_scores, _Variant
@@ -280,9 +280,9 @@ def _eval_answers(tmp_path, decline: str = "support"):
         Question("q4", "What colour is the office?", [], None, None, False),
     ]
     cache = AnswerCache(tmp_path / "answers.sqlite", {"generator": "scripted"})
-    ask = _Answerer(ScriptedEngine(), None, _Variant("base", ["base+rag"]), cache, fresh=False)
+    ask = _Answerer(ScriptedEngine(), None, _Variant("base", [system]), cache, fresh=False)
     try:
-        preds = _answer(ask, questions, "base+rag", True, {q.id: hits for q in questions}, 2,
+        preds = _answer(ask, questions, system, True, {q.id: hits for q in questions}, 2,
                         settings, 32)
     finally:
         cache.close()
@@ -316,6 +316,15 @@ def test_eval_declines_ungrounded_answers_when_plain_questions_would(tmp_path):
     assert scores["answer_rate"] == pytest.approx(2 / 3)
     assert scores["ungrounded_answers"] == 0.0  # what users get: no ungrounded answer left
     assert scores["accuracy"] == pytest.approx(2 / 3) and scores["precision"] == 1.0
+
+
+def test_eval_declines_as_the_default_rule_does_per_system(tmp_path):
+    # "tuned": the adapter's ungrounded answer is declined, the base model's only flagged.
+    raft, _ = _eval_answers(tmp_path / "raft", decline="tuned", system="raft+rag")
+    base, _ = _eval_answers(tmp_path / "base", decline="tuned", system="base+rag")
+    assert raft["q3"].declined and raft["q3"].ungrounded
+    assert not base["q3"].declined and base["q3"].ungrounded
+    assert not raft["q1"].declined and not raft["q2"].declined  # grounded answers stand
 
 
 def test_the_report_names_the_headline_and_the_lenient_figure(tmp_path):

@@ -126,21 +126,26 @@ def test_whitespace_of_the_chunk_is_kept_so_pages_can_highlight_the_sentence():
 
 
 @pytest.mark.parametrize(
-    ("setting", "mode", "declines"),
+    ("setting", "mode", "tuned", "declines"),
     [
-        ("support", "support", True),
-        ("support", None, False),
-        ("support", "tutor", False),
-        ("always", None, True),
-        ("never", "support", False),
+        ("support", "support", False, True),
+        ("support", None, False, False),
+        ("support", None, True, False),
+        ("support", "tutor", False, False),
+        ("tuned", None, True, True),  # an adapter's ungrounded answer: declined everywhere
+        ("tuned", "tutor", True, True),
+        ("tuned", None, False, False),  # the base model's: only flagged outside support
+        ("tuned", "support", False, True),
+        ("always", None, False, True),
+        ("never", "support", True, False),
     ],
 )
-def test_the_decline_setting_by_mode(setting, mode, declines):
-    assert declines_ungrounded(setting, mode) is declines
+def test_the_decline_setting_by_mode_and_model(setting, mode, tuned, declines):
+    assert declines_ungrounded(setting, mode, tuned) is declines
 
 
 def test_a_bad_decline_setting_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="never, support or always"):
+    with pytest.raises(ValueError, match="never, support, tuned or always"):
         declines_ungrounded("sometimes", None)
 
 
@@ -166,12 +171,20 @@ class ScriptedEngine(Engine):
         self, requests: Sequence[ChatRequest], progress: object = None
     ) -> list[Completion]:
         asked = [r.messages[-1]["content"].rsplit("Question: ", 1)[-1] for r in requests]
-        return [Completion(REPLIES[q], 50, 10, "stop", self.model) for q in asked]
+        return [Completion(REPLIES[q], 50, 10, "stop", self.model, r.adapter)
+                for q, r in zip(asked, requests, strict=True)]
+
+    def add_adapter(self, name: str, path: str) -> None:
+        pass  # the scripted replies stand for the adapter's too
 
 
-def _serve(tmp_path_factory, embedder, **settings: object):
+def _serve(tmp_path_factory, embedder, adapter: str | None = None, **settings: object):
+    """The API on the scripted engine; with ``adapter``, one is registered and promoted (its
+    replies are the scripted ones: what matters is that an adapter answers)."""
+    from docent.models import generator_id
     from docent.settings import DocentSettings
     from ingest.pipeline import refresh_index
+    from raft.adapters import METADATA, AdapterRegistry
     from serving.app import create_app
 
     root = tmp_path_factory.mktemp("attribution")
@@ -179,6 +192,12 @@ def _serve(tmp_path_factory, embedder, **settings: object):
     port = free_port()
     config = DocentSettings(workspace=root / "ws", port=port, top_k=2, **settings)
     refresh_index([corpus], config, embedder=embedder)
+    if adapter:
+        folder = root / "ws" / "adapters" / adapter
+        folder.mkdir(parents=True)
+        meta = {"name": adapter, "base_model": generator_id(config.generator)}
+        (folder / METADATA).write_text(json.dumps(meta))
+        AdapterRegistry(folder.parent).promote(adapter, config.generator)
     return serve_in_thread(create_app(config, engine=ScriptedEngine(), embedder=embedder), port)
 
 
@@ -238,3 +257,28 @@ def test_never_only_flags_even_in_support_mode(tmp_path_factory, embedder):
             f"{url}/v1/chat", json={"message": INVITE_Q, "mode": "support"}, timeout=60
         ).json()
     assert body["answer"] == "7 days" and body["ungrounded"] is True and not body["declined"]
+
+
+def test_a_tuned_adapter_s_ungrounded_answer_is_declined_by_default(tmp_path_factory, embedder):
+    with _serve(tmp_path_factory, embedder, adapter="raft-1") as url, \
+            httpx.Client(base_url=url, timeout=60) as api:
+        tuned = api.post("/v1/ask", json={"question": INVITE_Q}).json()
+        assert tuned["adapter"] == "raft-1"
+        assert tuned["declined"] is True and tuned["ungrounded"] is True
+        assert tuned["answer"] == DECLINE_ANSWER and tuned["reasoning"] == UNSUPPORTED
+        # A grounded answer of the adapter stands.
+        many = api.post("/v1/ask", json={"question": MANY_Q}).json()
+        assert many["declined"] is False and many["answer"].startswith("You can invite up to 25")
+        # The base model's ungrounded answer to a plain question is only flagged.
+        base = api.post("/v1/ask", json={"question": INVITE_Q, "adapter": "base"}).json()
+        assert base["adapter"] is None and base["answer"] == "7 days" and not base["declined"]
+        # Streamed through the OpenAI API, the adapter's withheld answer never shows.
+        r = api.post("/v1/chat/completions", json={
+            "model": "docent", "stream": True,
+            "messages": [{"role": "user", "content": INVITE_Q}],
+        })
+        chunks = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+        streamed = "".join(
+            c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]
+        )
+        assert streamed == DECLINE_ANSWER and "7 days" not in streamed

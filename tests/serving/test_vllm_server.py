@@ -47,6 +47,8 @@ def vllm_server(tmp_path_factory, handbook_settings):
         "VLLM_CPU_KVCACHE_SPACE": "1",
         # torch.compile costs 2-3 minutes of a 2-core start; what is tested here is the same.
         "DOCENT_VLLM_EAGER": "1",
+        # The random adapter's text is compared with transformers': it must not be declined.
+        "DOCENT_DECLINE_UNGROUNDED": "support",
         "PYTHONPATH": str(ROOT),
     }
     log = (root / "server.log").open("w")
