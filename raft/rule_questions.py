@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from docent.prompts import normalise, squash
 
-VERSION = "4"  # bump when the rules change: cached rule questions are keyed by it
+VERSION = "5"  # bump when the rules change: cached rule questions are keyed by it
 MAX_ANSWER_WORDS = 10
 MAX_QUESTION_WORDS = 32
 _AUX = {
@@ -174,9 +174,11 @@ def _verb_lemma(word: str, previous: str = "") -> tuple[str, str] | None:
     if not lemmas:
         return None
     lemma = lemmas[0]
-    if "NOUN" in every and (previous[:1].isdigit() or previous.lower() in _DETERMINERS
+    if previous.lower() in _DETERMINERS:
+        return None  # "the links", "an encrypted cache": never a finite verb after a determiner
+    if "NOUN" in every and (previous[:1].isdigit()
                             or previous.lower() in ("per", "of", "with", "for", "to")):
-        return None  # "12 seats", "the links": a noun after a number or determiner
+        return None  # "12 seats", "per seat": a noun after a number or preposition
     if lower == lemma:
         plural = previous.lower().endswith("s") and not previous.lower().endswith("ss")
         return (lemma, "VBP") if plural and set(every) == {"VERB"} else None
@@ -200,6 +202,10 @@ def _named(phrase: str) -> bool:
     """A short phrase that names something: a capitalised word after the first, a number or
     a code ("Sync Doctor", "The Quillfeather Vault QV-200", "Ctrl+Shift+C")."""
     words = phrase.split()
+    if not words or all(w.lower() in _DETERMINERS for w in words):
+        # Capitalised at a sentence start, "The" names nothing (and lemminflect's lexicon
+        # does not know it, so _common cannot tell).
+        return False
     return len(words) <= 5 and (
         any(w[:1].isupper() for w in words[1:]) or any(ch.isdigit() for ch in phrase)
         or (len(words) == 1 and words[0][:1].isupper() and not _common(words[0]))

@@ -150,3 +150,28 @@ def test_another_chunk_stating_the_same_answer_gets_the_question_in_other_words(
         ("b", "An invitation link expires after 72 hours, so resend workspace invitations.")
     ]
     assert cross[0][1].form == "cross" and cross[0][1].answer == "72 hours"
+
+
+@pytest.mark.parametrize(
+    ("sentence", "question", "answer"),
+    [
+        # A participle after a determiner is an adjective, not the verb: the subject is not
+        # "The" and the question is not "What encrypted cache?".
+        ("The Quillfeather Vault stores an encrypted cache.", "What stores an encrypted cache?",
+         "The Quillfeather Vault"),
+        ("An approved deal registration protects the partner's opportunity for 120 days.",
+         "How many days does an approved deal registration protect the partner's opportunity "
+         "for?", "120 days"),
+    ],
+)
+def test_a_word_after_a_determiner_is_never_the_verb(sentence, question, answer):
+    made = {(q.question, q.answer) for q in rq.sentence_questions(sentence)}
+    assert (question, answer) in made
+
+
+def test_a_bare_article_is_never_an_answer():
+    # The handbook sentence that once gave "What uploaded file is not ...?" -> "The".
+    for sentence in ("The uploaded file is not in a format Quillfeather can import.",
+                     "An escalated ticket is reviewed by a team lead within 4 business hours."):
+        for q in rq.sentence_questions(sentence):
+            assert q.answer.lower() not in ("the", "a", "an"), q
