@@ -63,7 +63,7 @@ def validation_questions(folder: Path, cap: int, seed: int) -> list[dict[str, An
     if cap < 1:
         raise ConfigError(f"the validation question cap must be at least 1, not {cap}")
     found: dict[str, dict[str, Any]] = {}
-    for row in show.load_examples(folder, "validation"):
+    for row in show.load_validation_questions(folder):
         meta = row.get("meta") or {}
         question = " ".join(str(meta.get("question") or "").split())
         answer = str(meta.get("answer") or "").strip()

@@ -31,6 +31,7 @@ from raft import answers, questions, rule_questions, spans
 from raft.cache import ChunkResult, GenerationCache
 from raft.dataset import (
     SPLITS,
+    VALIDATION_QUESTIONS,
     DistractorPicker,
     Example,
     MixSettings,
@@ -270,6 +271,7 @@ def build_raft_set(
         )
 
     examples = _examples(items, chunks, by_id, settings, qa_splits, embedder, store)
+    validation = [ex for ex in examples if ex.split == "validation"]
     if settings.raft_cot_format == "own_words":
         examples = _own_words(examples, by_id, settings, given_engine, report, progress,
                               raft_dir / "cache" / "own-words.sqlite")
@@ -278,7 +280,7 @@ def build_raft_set(
         report.dropped_deleted_oracle = sum(
             1 for cid in previous.get("oracle_chunks", []) if cid not in current
         )
-    _write(raft_dir, name, examples, settings, report, store, limit, qa_path)
+    _write(raft_dir, name, examples, settings, report, store, limit, qa_path, validation)
     (raft_dir / BUILDING).unlink(missing_ok=True)
     store.close()
     report.seconds = round(time.perf_counter() - started, 2)
@@ -677,6 +679,7 @@ def _write(
     store: KnowledgeStore,
     limit: int | None,
     qa_file: Path | None,
+    validation: list[Example],
 ) -> None:
     from datasets import Dataset, DatasetDict
 
@@ -694,6 +697,9 @@ def _write(
         (staging / f"{split}.jsonl").write_text(body, encoding="utf-8")
         digest.update(body.encode())
         report.examples[split] = len(records)
+    asked = "".join(json.dumps({"meta": ex.record(fmt)["meta"]}, ensure_ascii=False) + "\n"
+                    for ex in validation)
+    (staging / VALIDATION_QUESTIONS).write_text(asked, encoding="utf-8")
     kinds = Counter(ex.kind for ex in examples)
     report.kinds = dict(kinds)
     DatasetDict({s: Dataset.from_list(r) for s, r in per_split.items() if r}).save_to_disk(

@@ -76,6 +76,12 @@ class Example:
         return base
 
 
+# Every validation question the build accepted, written before the targets were rewritten.
+# `own_words` keeps only the questions the base model already answers right, so scoring
+# adapters on the kept ones alone would favour base+RAG (run 8: 12 questions, 58% each).
+VALIDATION_QUESTIONS = "validation-questions.jsonl"
+
+
 def rng_for(seed: int, *keys: str) -> random.Random:
     digest = hashlib.sha256("\x1f".join([str(seed), *keys]).encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))

@@ -9,6 +9,7 @@ from typing import Any
 
 from docent.prompts import ANSWER_PREFIX, BEGIN_QUOTE, END_QUOTE
 from raft.build import LATEST, RaftBuildError
+from raft.dataset import VALIDATION_QUESTIONS
 
 
 def resolve(raft_dir: Path, name: str | None) -> Path:
@@ -38,6 +39,15 @@ def load_examples(folder: Path, split: str) -> list[dict[str, Any]]:
     path = folder / f"{split}.jsonl"
     if not path.exists():
         return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def load_validation_questions(folder: Path) -> list[dict[str, Any]]:
+    """Rows (``{"meta": ...}``) of every validation question of a set; sets built before
+    the file existed give their validation examples."""
+    path = folder / VALIDATION_QUESTIONS
+    if not path.exists():
+        return load_examples(folder, "validation")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 

@@ -13,9 +13,11 @@ from docent.engine import ChatRequest, Completion, Engine, EngineUnavailableErro
 from docent.errors import EmptyIndexError
 from docent.prompts import ANSWER_PREFIX, parse_answer, squash
 from docent.settings import DocentSettings
+from eval.validation import validation_questions
 from ingest.pipeline import refresh_index
 from ingest.store import KnowledgeStore
 from raft.build import BUILDING, RaftBuildError, build_raft_set
+from raft.dataset import VALIDATION_QUESTIONS
 from raft.show import load_examples, load_manifest
 from serving.attribution import contains_phrase
 
@@ -233,6 +235,12 @@ def test_own_words_targets_open_with_the_models_sentence(tmp_path, handbook_sett
         assert meta["own_words"] and opening, answer
         assert contains_phrase(opening, meta["answer"])  # the sentence states the answer
         assert parsed.answer == meta["answer"] and parsed.quotes == [meta["quote"]]
+    # Adapters are validated on every validation question the build accepted, not only on
+    # those whose own-words target survived (the ones the base model already answers).
+    folder = settings.workspace / "raft" / report.name
+    asked = {r["question"] for r in validation_questions(folder, cap=1000, seed=0)}
+    kept = {" ".join(r["meta"]["question"].split()) for r in load_examples(folder, "validation")}
+    assert (folder / VALIDATION_QUESTIONS).exists() and asked >= kept
     # Another set from the same questions (another recipe, a rebuild) reuses the answers.
     asked = counting.requests
     again = build_raft_set(settings, limit=6, name="again", engine=counting, embedder=embedder)
