@@ -35,20 +35,21 @@ def load_manifest(folder: Path) -> dict[str, Any]:
     return dict(json.loads((folder / "manifest.json").read_text()))
 
 
-def load_examples(folder: Path, split: str) -> list[dict[str, Any]]:
-    path = folder / f"{split}.jsonl"
+def _jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def load_examples(folder: Path, split: str) -> list[dict[str, Any]]:
+    return _jsonl(folder / f"{split}.jsonl")
 
 
 def load_validation_questions(folder: Path) -> list[dict[str, Any]]:
     """Rows (``{"meta": ...}``) of every validation question of a set; sets built before
     the file existed give their validation examples."""
     path = folder / VALIDATION_QUESTIONS
-    if not path.exists():
-        return load_examples(folder, "validation")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return _jsonl(path) if path.exists() else load_examples(folder, "validation")
 
 
 def assistant_text(record: dict[str, Any]) -> str:

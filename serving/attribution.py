@@ -15,7 +15,6 @@ with these same functions.
 from __future__ import annotations
 
 import re
-import string
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ SHORT_ANSWER_WORDS = 3
 COVERAGE = 0.75
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-_PUNCT = set(string.punctuation) | {"“", "”", "‘", "’", "«", "»", "–", "—", "…"}
 _ALTERNATIVES = re.compile(r"\bor\b", re.IGNORECASE)
 _POLARITY = re.compile(r"\b(yes|no|not|never|none|nothing|nobody|cannot|cant|only)\b|n t\b")
 _FIRST_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])|\n")
@@ -43,9 +41,9 @@ def normalize_answer(text: str) -> str:
     text = unicodedata.normalize("NFKD", text)
     text = "".join(ch for ch in text if not unicodedata.combining(ch))
     text = text.lower()
-    # Symbols separate words as punctuation does: "0°C" states "0", "€29" states "29".
-    text = "".join(" " if ch in _PUNCT or unicodedata.category(ch)[0] in "PS" else ch
-                   for ch in text)
+    # Unicode punctuation and symbols (categories P*, S*: ASCII punctuation, curly quotes,
+    # dashes, "°", "€") separate words: "0°C" states "0", "€29" states "29".
+    text = "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
