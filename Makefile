@@ -54,8 +54,8 @@ lint: setup
 	$(BIN)/mypy
 
 # Docent's main job on the embedded defaults, the whole loop on the handbook: ingest, search, build
-# a RAFT set from the documents alone (rule-written questions, no QA file; targets open with
-# the model's own answer sentence, `own_words`), a short LoRA
+# a RAFT set from the documents alone (rule-written questions, no QA file) with the default recipe
+# (targets open with the model's own answer sentence, P 1.0, 2 distractors), a short LoRA
 # training promoted only if it beats base+RAG on the validation questions, the four-system eval of
 # that adapter on held-out human questions (table printed, report in $(WORKSPACE)/reports), and one
 # answer with retrieval as `docent serve` gives it (from the promoted adapter, or base+RAG).
@@ -68,8 +68,6 @@ lint: setup
 DEMO_STEPS ?= 4
 DEMO_QUESTIONS ?= 8
 DEMO_RAFT_LIMIT ?= 24
-# Targets in the model's own words: the format with which tuning beat base+RAG (README).
-DEMO_COT_FORMAT ?= own_words
 DEMO_MAX_TOKENS ?= 128
 ENGINE ?= auto
 DOCENT := $(BIN)/docent --workspace $(WORKSPACE)
@@ -78,7 +76,7 @@ demo: setup
 	$(DOCENT) ingest $(CORPUS)
 	$(DOCENT) search "How much does the Pro plan cost per seat?"
 	$(DOCENT) search "What does error QF-4127 mean?" -k 3 --fusion dbsf
-	$(DOCENT) raft build --limit $(DEMO_RAFT_LIMIT) --cot-format $(DEMO_COT_FORMAT) --engine $(ENGINE)
+	$(DOCENT) raft build --limit $(DEMO_RAFT_LIMIT) --engine $(ENGINE)
 	$(DOCENT) raft show -n 1
 	$(DOCENT) train --max-steps $(DEMO_STEPS) --eval-steps $(DEMO_STEPS) --promote --engine $(ENGINE)
 	$(DOCENT) eval --qa $(CORPUS)/qa.jsonl --adapter latest --limit $(DEMO_QUESTIONS) --max-tokens $(DEMO_MAX_TOKENS) --engine $(ENGINE)

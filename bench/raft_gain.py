@@ -14,7 +14,8 @@ Accuracy is the headline of ``docent eval``: the gold answer in the *final* answ
 Run (from the repository root)::
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/raft_gain.py                       # every recipe
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/raft_gain.py --recipes quote --steps 40
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/raft_gain.py --recipes default     # the default only
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/raft_gain.py --recipes default,quote --steps 40
 """
 
 from __future__ import annotations
@@ -38,21 +39,18 @@ from docent.hardware import describe, summary  # noqa: E402
 HANDBOOK = ROOT / "examples" / "handbook"
 QA_FILE = HANDBOOK / "qa.jsonl"
 OUT_DIR = HERE / "out"
-# Serving and training see the same number of chunks: K distractors + the oracle = top_k.
-BASE: dict[str, Any] = {
-    "raft_cot_format": "quote", "raft_p_oracle": 1.0, "raft_distractors": 2, "top_k": 3,
-    "train_lr": 1e-3, "train_batch_size": 4,
-}
+# The levers a recipe may change, recorded for every row. The first recipe, "default", is
+# Docent's defaults (docent/settings.py: run 8's recipe); each other one changes one lever.
+LEVERS = ("raft_cot_format", "raft_p_oracle", "raft_distractors", "top_k", "train_lr",
+          "train_batch_size", "train_rehearsal", "raft_refusal_related",
+          "raft_refusal_fraction")
 RECIPES: dict[str, dict[str, Any]] = {
-    "quote": {},
+    "default": {},
+    "no_rehearsal": {"train_rehearsal": 0.0},
+    "quote": {"raft_cot_format": "quote"},
     "reasoning": {"raft_cot_format": "reasoning"},
     "answer_first": {"raft_cot_format": "answer_first"},
-    "own_words": {"raft_cot_format": "own_words"},
-    "own_words+related_refusals": {
-        "raft_cot_format": "own_words", "raft_refusal_related": True,
-        "raft_refusal_fraction": 0.15,
-    },
-    "own_words+rehearsal": {"raft_cot_format": "own_words", "train_rehearsal": 0.25},
+    "related_refusals": {"raft_refusal_related": True, "raft_refusal_fraction": 0.15},
     "p0.8": {"raft_p_oracle": 0.8},
     "lr3e-4": {"train_lr": 3e-4},
     "k5": {"raft_distractors": 4, "top_k": 5},
@@ -68,7 +66,7 @@ def folder_name(recipe: str) -> str:
     return recipe.replace("+", "-")
 
 
-def run_recipe(recipe: str, settings: Any, steps: int, embedder: Any,
+def run_recipe(recipe: str, settings: Any, steps: int | None, embedder: Any,
                full: bool) -> dict[str, Any]:
     from eval.runner import run_eval
     from eval.validation import prepare_validation, score_validation
@@ -78,10 +76,9 @@ def run_recipe(recipe: str, settings: Any, steps: int, embedder: Any,
     name = folder_name(recipe)
     started = time.perf_counter()
     built = build_raft_set(settings, name=name, embedder=embedder)
-    trained = train_adapter(
-        settings.with_overrides(train_max_steps=steps, train_eval_steps=steps),
-        dataset=name, name=name,
-    )
+    if steps is not None:
+        settings = settings.with_overrides(train_max_steps=steps, train_eval_steps=steps)
+    trained = train_adapter(settings, dataset=name, name=name)
     train_s = time.perf_counter() - started
     vset = prepare_validation(settings, name)
     val = score_validation(settings, vset, adapter=name, embedder=embedder)
@@ -90,7 +87,7 @@ def run_recipe(recipe: str, settings: Any, steps: int, embedder: Any,
                     embedder=embedder, forgetting=True)
     return {
         "recipe": recipe,
-        "settings": {k: settings.model_dump()[k] for k in BASE},
+        "settings": {k: settings.model_dump()[k] for k in LEVERS},
         "examples": built.examples,
         "questions_accepted": built.questions_accepted,
         "questions_per_chunk": round(built.questions_accepted / max(built.chunks_total, 1), 2),
@@ -132,7 +129,8 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES),
                         help=f"comma-separated, from {', '.join(RECIPES)}; the first is "
                         "the one the others are compared with")
-    parser.add_argument("--steps", type=int, default=40, help="training steps per recipe")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per recipe (default: the settings' epochs)")
     parser.add_argument("--workspace", type=Path, help="reuse (or keep) this workspace")
     args = parser.parse_args()
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
@@ -153,7 +151,7 @@ def main() -> None:
     rows = []
     try:
         for i, name in enumerate(names):
-            settings = base.with_overrides(**{**BASE, **RECIPES[name]})
+            settings = base.with_overrides(**RECIPES[name])
             for old in (workspace / "raft" / folder_name(name),
                         workspace / "adapters" / folder_name(name)):
                 shutil.rmtree(old, ignore_errors=True)
@@ -166,13 +164,14 @@ def main() -> None:
     report = {
         "hardware": hardware,
         "steps": args.steps,
-        "base_recipe": BASE,
+        "default_recipe": {k: base.model_dump()[k] for k in LEVERS},
         "recipes": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }
     OUT_DIR.mkdir(exist_ok=True)
     (OUT_DIR / "raft_gain.json").write_text(json.dumps(report, indent=2))
-    text = (f"# RAFT gain on the handbook ({args.steps} steps per recipe)\n\n"
+    budget = f"{args.steps} steps" if args.steps else f"{base.train_epochs:g} epoch(s)"
+    text = (f"# RAFT gain on the handbook ({budget} per recipe)\n\n"
             f"Machine: {summary(hardware)}. Total {report['seconds'] / 60:.1f} min.\n\n"
             f"{table(rows)}\n")
     (OUT_DIR / "raft_gain.md").write_text(text)

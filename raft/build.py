@@ -662,10 +662,11 @@ def _own_words(
             engine.close()
     merged = Counter(report.rejections) + dropped
     report.rejections = dict(merged.most_common())
-    if not any(ex.kind != "refusal" for ex in kept):
+    if not any(ex.kind != "refusal" and ex.split == "train" for ex in kept):
+        # Fail here, not at `docent train` with an empty training split.
         raise RaftBuildError(
-            f"the model's own answers passed no check ({dict(dropped)}): use another "
-            "--cot-format (quote) or more chunks"
+            f"the model's own answers passed no check for the training split "
+            f"({dict(dropped)}): use another --cot-format (quote) or more chunks"
         )
     return kept
 

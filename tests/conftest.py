@@ -30,6 +30,11 @@ from docent.settings import DocentSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDBOOK = ROOT / "examples" / "handbook"
+# For tests of how sets are built and trained, not of the default recipe: the default's
+# own-words targets and self-rehearsal ask the model for every example (minutes per build on a
+# 2-core CPU). Each has its own tests (raft/test_build.py, raft/test_train.py), and
+# test_demo.py runs the defaults end to end.
+NO_MODEL_RECIPE = {"raft_cot_format": "reasoning", "train_rehearsal": 0.0}
 
 
 @pytest.fixture(scope="session")
@@ -263,6 +268,9 @@ def live_server(tmp_path_factory, handbook_settings, embedder, hf_serving_engine
         # default ("tuned") they would all be declined. These tests need its text; the decline
         # rule itself is tested in serving/test_attribution.py.
         decline_ungrounded="support",
+        # /v1/raft/regenerate builds from 93 human questions: own-words targets would ask the
+        # model 93 times (tested in raft/test_build.py).
+        raft_cot_format=NO_MODEL_RECIPE["raft_cot_format"],
     )
     app = create_app(settings, engine=hf_serving_engine, embedder=embedder)
     with serve_in_thread(app, port) as url:

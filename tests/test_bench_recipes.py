@@ -26,12 +26,15 @@ def test_every_recipe_names_a_dataset_and_gives_valid_settings(tmp_path):
 
     bench = _raft_gain()
     base = DocentSettings(workspace=tmp_path)
-    assert bench.RECIPES, "no recipe to compare"
+    # The first row is what a user gets: Docent's defaults, unchanged.
+    assert next(iter(bench.RECIPES)) == "default" and bench.RECIPES["default"] == {}
     for recipe, overrides in bench.RECIPES.items():
         assert _NAME.match(bench.folder_name(recipe)), recipe
-        settings = base.with_overrides(**{**bench.BASE, **overrides})
-        for key, value in {**bench.BASE, **overrides}.items():
+        assert set(overrides) <= set(bench.LEVERS), recipe  # recorded in every row
+        settings = base.with_overrides(**overrides)
+        for key, value in overrides.items():
             assert getattr(settings, key) == value, (recipe, key)
+            assert value != getattr(base, key), f"{recipe} sets {key} to its default"
         # Training sees the oracle and its distractors; serving must retrieve as many.
         assert settings.raft_distractors + 1 == settings.top_k, recipe
 

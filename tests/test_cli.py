@@ -168,6 +168,8 @@ def test_train_then_manage_adapters(tmp_path):
             "units",
             "--limit",
             "0",
+            "--cot-format",  # four human questions: too few for own-words targets to survive
+            "reasoning",
         ).exit_code
         == 0
     )

@@ -21,7 +21,7 @@ from raft.dataset import VALIDATION_QUESTIONS
 from raft.show import load_examples, load_manifest
 from serving.attribution import contains_phrase
 
-from conftest import HANDBOOK, write_corpus, write_qa
+from conftest import HANDBOOK, NO_MODEL_RECIPE, write_corpus, write_qa
 
 QA = HANDBOOK / "qa.jsonl"
 
@@ -60,8 +60,11 @@ def teacher():
 def workspace(tmp_path, handbook_settings) -> DocentSettings:
     """A private copy of the ingested handbook, so builds don't see each other."""
     shutil.copytree(handbook_settings.workspace / "index", tmp_path / "ws" / "index")
+    # The paper's recipe (P 0.8, 4 distractors, chain of thought), not Docent's default, so
+    # those levers stay tested: docent tune and bench/raft_gain.py ablate them.
     return DocentSettings(
-        workspace=tmp_path / "ws", raft_batch_chunks=8, raft_answer_style="extractive"
+        workspace=tmp_path / "ws", raft_batch_chunks=8, raft_answer_style="extractive",
+        raft_p_oracle=0.8, raft_distractors=4, top_k=5, **NO_MODEL_RECIPE,
     )
 
 
@@ -161,7 +164,8 @@ def test_refresh_after_an_edit_regenerates_only_changed_chunks(tmp_path, teacher
             for i in range(1, 7)
         ],
     )
-    settings = DocentSettings(workspace=tmp_path / "ws", raft_answer_style="extractive")
+    settings = DocentSettings(workspace=tmp_path / "ws", raft_answer_style="extractive",
+                              **NO_MODEL_RECIPE)
     refresh_index([corpus], settings, embedder=embedder)
     first = build_raft_set(settings, qa_file=qa, engine=teacher, embedder=embedder)
     assert first.chunks_generated == 6 and first.human_questions == 6
@@ -277,3 +281,13 @@ def test_unreachable_teacher_url_is_a_clear_error_and_keeps_finished_work(worksp
     with pytest.raises(EngineUnavailableError, match="unreachable"):
         build_raft_set(remote, limit=4, embedder=embedder)
     assert (workspace.workspace / "raft" / BUILDING).exists()  # --resume can pick it up
+
+
+def test_own_words_that_keep_no_training_target_fail_the_build(workspace, embedder):
+    """The default targets are the model's own answers; where none passes its checks the
+    build says so and what to do, instead of writing a set `docent train` cannot use."""
+    settings = workspace.with_overrides(raft_cot_format="own_words")
+    with pytest.raises(RaftBuildError, match="passed no check for the training split.*quote"):
+        build_raft_set(settings, limit=0, qa_file=QA, name="mute", engine=GarbageEngine(),
+                       embedder=embedder)
+    assert not (workspace.workspace / "raft" / "mute").exists()

@@ -17,7 +17,7 @@ from raft.build import build_raft_set
 from raft.show import load_examples
 from raft.train import make_trainer, to_prompt_completion, train_adapter
 
-from conftest import ORBIT_FACTS, run_script, write_corpus, write_qa
+from conftest import NO_MODEL_RECIPE, ORBIT_FACTS, run_script, write_corpus, write_qa
 
 FACTS = ORBIT_FACTS
 EIGHT = [
@@ -45,7 +45,7 @@ def eight(tmp_path_factory, embedder) -> DocentSettings:
     root = tmp_path_factory.mktemp("parity")
     settings = DocentSettings(
         workspace=root / "ws", raft_distractors=1, top_k=2, raft_split=(1.0, 0.0, 0.0),
-        raft_refusal_fraction=0.0, raft_p_oracle=1.0,
+        raft_refusal_fraction=0.0, raft_p_oracle=1.0, **NO_MODEL_RECIPE,
     )
     refresh_index([write_corpus(root / "docs", FACTS)], settings, embedder=embedder)
     build_raft_set(settings, qa_file=write_qa(root / "qa.jsonl", EIGHT), name="eight", limit=0,

@@ -18,7 +18,7 @@ from raft.build import build_raft_set
 from raft.rehearsal import rehearsal_count
 from raft.train import TRAINING, train_adapter
 
-from conftest import ORBIT_FACTS, run_script, write_corpus, write_qa
+from conftest import NO_MODEL_RECIPE, ORBIT_FACTS, run_script, write_corpus, write_qa
 
 FACTS = ORBIT_FACTS
 QA = [
@@ -68,6 +68,7 @@ def tiny_set(tmp_path_factory, embedder) -> DocentSettings:
         top_k=3,
         raft_split=(0.5, 0.25, 0.25),
         raft_refusal_fraction=0.0,
+        **NO_MODEL_RECIPE,
     )
     refresh_index([corpus], settings, embedder=embedder)
 

@@ -25,7 +25,7 @@ from eval.validation import (
 )
 from raft.adapters import METADATA, AdapterError, AdapterRegistry
 
-from conftest import write_corpus, write_qa
+from conftest import NO_MODEL_RECIPE, write_corpus, write_qa
 
 
 # Validation questions from a hand-written RAFT folder ---------------------------------------
@@ -274,7 +274,8 @@ def test_a_raft_axis_builds_a_set_per_value_with_the_same_splits(tmp_path, embed
     from raft import show
     from raft.build import build_raft_set
 
-    settings = DocentSettings(workspace=tmp_path / "ws", raft_split=(0.5, 0.34, 0.16))
+    settings = DocentSettings(workspace=tmp_path / "ws", raft_split=(0.5, 0.34, 0.16),
+                              **NO_MODEL_RECIPE)
     refresh_index([write_corpus(tmp_path / "docs", DOCS)], settings, embedder=embedder)
     build_raft_set(
         settings,
@@ -286,12 +287,12 @@ def test_a_raft_axis_builds_a_set_per_value_with_the_same_splits(tmp_path, embed
     raft_dir = settings.workspace / "raft"
     base = raft_dir / "teams"
     same = raft_set_for(
-        settings, base, {"raft_p_oracle": 0.8, "train_lr": 1e-3}, embedder, no_progress
+        settings, base, {"raft_p_oracle": 1.0, "train_lr": 1e-3}, embedder, no_progress
     )
-    assert same == "teams"  # the set already has P = 0.8
-    name = raft_set_for(settings, base, {"raft_p_oracle": 1.0}, embedder, no_progress)
+    assert same == "teams"  # the set already has P = 1.0 (the default)
+    name = raft_set_for(settings, base, {"raft_p_oracle": 0.8}, embedder, no_progress)
     built = show.load_manifest(raft_dir / name)
-    assert name != "teams" and built["params"]["raft_p_oracle"] == 1.0
+    assert name != "teams" and built["params"]["raft_p_oracle"] == 0.8
     assert (raft_dir / "LATEST").read_text() == "teams"  # `docent train` still finds the tune's set
 
     def sources(folder: Path, split: str) -> set[str]:
@@ -299,7 +300,7 @@ def test_a_raft_axis_builds_a_set_per_value_with_the_same_splits(tmp_path, embed
 
     assert sources(raft_dir / name, "validation") == sources(base, "validation")
     assert sources(raft_dir / name, "train") == sources(base, "train")
-    assert raft_set_for(settings, base, {"raft_p_oracle": 1.0}, embedder, no_progress) == name
+    assert raft_set_for(settings, base, {"raft_p_oracle": 0.8}, embedder, no_progress) == name
 
 
 # End to end ---------------------------------------------------------------------------------
@@ -345,6 +346,7 @@ def test_tune_trains_scores_keeps_the_best_and_reports_the_gate(
         train_batch_size=2,
         train_max_length=1024,
         tune_val_questions=4,
+        **NO_MODEL_RECIPE,
     )
     refresh_index([write_corpus(tmp_path / "docs", DOCS)], settings, embedder=embedder)
     qa = write_qa(tmp_path / "qa.jsonl", QA)

@@ -155,6 +155,8 @@ def test_sigkill_during_refresh_and_regeneration_loses_nothing(site):
     works (the RAFT build reuses what the killed one finished)."""
     from raft.build import BUILDING, latest_manifest
 
+    # The fake LLM writes the targets: own-words targets would load SmolLM2 in the server.
+    recipe = {"DOCENT_RAFT_COT_FORMAT": "reasoning"}
     big = {
         f"notes/note{n:03d}.md": f"# Note {n}\n\n"
         + " ".join(f"Acme warehouse {n} stores crate {n}-{m} on shelf {m}." for m in range(60))
@@ -171,7 +173,7 @@ def test_sigkill_during_refresh_and_regeneration_loses_nothing(site):
     llm_port, port = free_port(), free_port()
     api = f"http://127.0.0.1:{port}"
     with fake_llm(llm_port, site, delay=0.2):
-        with docent_serve(site / "ws", port, llm_port, site) as server:
+        with docent_serve(site / "ws", port, llm_port, site, **recipe) as server:
             first = httpx.post(f"{api}/v1/raft/regenerate", json={"qa_file": str(qa)}).json()
             done = wait_for(lambda: _finished(api, first["id"]))
             assert done["state"] == "succeeded", done
@@ -183,7 +185,7 @@ def test_sigkill_during_refresh_and_regeneration_loses_nothing(site):
             server.send_signal(signal.SIGKILL)
             server.wait()
 
-        with docent_serve(site / "ws", port, llm_port, site) as server:
+        with docent_serve(site / "ws", port, llm_port, site, **recipe) as server:
             job = _job(api, refresh["id"])
             assert job["state"] == "failed" and "interrupted" in job["error"]
             ready = httpx.get(f"{api}/readyz").json()
@@ -204,7 +206,7 @@ def test_sigkill_during_refresh_and_regeneration_loses_nothing(site):
 
         assert latest_manifest(site / "ws" / "raft") == dataset  # the old set, whole
         assert (site / "ws" / "raft" / BUILDING).exists()
-        with docent_serve(site / "ws", port, llm_port, site):
+        with docent_serve(site / "ws", port, llm_port, site, **recipe):
             job = _job(api, regen["id"])
             assert job["state"] == "failed" and "interrupted" in job["error"]
             again = httpx.post(
