@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from docent.prompts import normalise, squash
 
-VERSION = "5"  # bump when the rules change: cached rule questions are keyed by it
+VERSION = "6"  # bump when the rules change: cached rule questions are keyed by it
 MAX_ANSWER_WORDS = 10
 MAX_QUESTION_WORDS = 32
 _AUX = {
@@ -102,7 +102,8 @@ PATTERNS: tuple[Pattern, ...] = (
     Pattern("shortcut", re.compile(
         r"\b(?:Ctrl|Cmd|Alt|Shift|Option|⌘)(?:\s?\+\s?(?:Ctrl|Cmd|Alt|Shift|Option|Enter|Tab|"
         r"Space|Esc|F\d{1,2}|[A-Z0-9/.,;\[\]\\]))+")),
-    Pattern("version", re.compile(r"\b(?:[Vv]ersion |v)\d+(?:\.\d+)+\b|\b\d+\.\d+\.\d+\b")),
+    Pattern("version", re.compile(
+        r"\b(?:[Vv]ersion |v)\d+(?:\.\d+)+\b|(?<![\d.])\b\d+\.\d+\.\d+\b(?!\.\d)")),
     Pattern("money", re.compile(
         rf"(?:(?:{_CURRENCY})\s?\d[\d,]*(?:\.\d+)?|\b\d[\d,]*(?:\.\d+)?\s?(?:{_CURRENCY}))"
         r"(?: (?:per|a|each) \w+(?: per \w+)?)?")),
@@ -119,8 +120,8 @@ PATTERNS: tuple[Pattern, ...] = (
         r"\b(?:called|named|titled|labelled|labeled) [\"'“‘]?"
         r"(?P<a>[A-Z][\w-]*(?: [A-Z][\w-]*){0,3})")),
     Pattern("name", re.compile(
-        r"(?<=[a-z,;:] )[A-Z][\w.&-]*(?: (?:[A-Z][\w.&-]*|\d[\d.]*|of|and|for)){1,4}(?<![ ,.])"
-        r"(?! [a-z]+ [A-Z])")),
+        r"(?<=[a-z,;:] )[A-Z][\w.&-]*(?: (?:[A-Z][\w.&-]*|\d[\d.]*|(?:of|and|for)\b)){0,4}"
+        r"(?<![ ,.])(?![\w&-])(?! [a-z]+ [A-Z])")),
 )
 _UNIT_OF = re.compile(r"([A-Za-z%€$£]+(?: days)?)(?: per \w+)?$")
 
@@ -303,12 +304,22 @@ def _wh_phrase(kind: str, answer: str, before: str) -> str:
         word = unit.group(1) if unit else ""
         if not word or word.lower() in ("percent", "times"):
             return "how many times" if word.lower() == "times" else "how many"
-        return f"how many {word}"
+        return f"how many {_plural(word)}"
     if kind == "number":
         return "how many"
     if kind == "name" and _PERSONS.search(before[-30:]) is None and prep == "by":
         return "who"
     return "what"
+
+
+def _plural(unit: str) -> str:
+    """ "one month" is asked as "how many months"; units like "GB" stay as they are."""
+    if not unit.islower() or " " in unit or unit.endswith("s"):
+        return unit
+    from lemminflect import getInflection
+
+    plural = getInflection(unit, tag="NNS")
+    return plural[0] if plural else unit
 
 
 def _lower_first(phrase: str) -> str:
@@ -352,7 +363,10 @@ def _finite_verb(words: Sequence[str]) -> _Verb | None:
             start -= 1
         subject = " ".join(words[:start])
         if ("," in subject or "(" in subject or i > 8 or subject.lower() in _NOT_SUBJECT
-                or _RELATIVE.search(subject) or _SUBORDINATE.match(subject)):
+                or _RELATIVE.search(subject) or _SUBORDINATE.match(subject)
+                or any(w.lower() in _AUX or w.lower() in ("be", "been", "not") for w in
+                       words[:start])
+                or ":" in subject or subject.count("**") % 2):
             return None
         return _Verb(start, i, lower, verb)
     return None
@@ -455,12 +469,35 @@ def _object_question(sentence: str) -> RuleQuestion | None:
     obj = re.split(r" (?:to|for|in|on|at|from|with|by|when|during|after|before|until|via)\b",
                    obj, maxsplit=1)[0]
     n = len(obj.split())
-    if not 2 <= n <= 5 or _SUBORDINATE.match(obj) or obj.split()[0].lower() in (
-        "that", "how", "what", "where", "why", "whether", "because", "are", "is"
-    ):
+    if not 2 <= n <= 5 or _SUBORDINATE.match(obj) or not _noun_phrase(obj):
         return None
     return RuleQuestion(_join("what", _DO[tense], _lower_first(subject), adverbs, lemma),
                         obj, sentence, "object", "wh")
+
+
+# After a bare verb these make a verb phrase: "take up", "merge without", "fix and".
+_PARTICLES = {"up", "out", "down", "off", "in", "on", "over", "back", "away", "without", "with",
+              "to", "into", "and", "or"}
+_NOT_NP_START = {
+    "that", "how", "what", "where", "why", "whether", "because", "out", "up", "down", "off",
+    "through", "inside", "outside", "into", "onto", "about", "per", "most", "more", "you",
+    "it", "them", "us", "him", "her", "me", "so", "too", "very", "not", "also",
+}
+
+
+def _noun_phrase(words: str) -> bool:
+    """Whether an object span reads as a noun phrase. A verb misread as the main one leaves
+    a verb phrase ("take up", "investigate and fix the problem"), a particle ("out every
+    other session") or a clause ("offline are uploaded") as the "object"."""
+    from lemminflect import getAllLemmas
+
+    parts = [w.strip("*`\"'").lower() for w in words.split()]
+    if not parts or parts[0] in _NOT_NP_START or any(w in _AUX or w == "be" for w in parts):
+        return False
+    first = getAllLemmas(parts[0])
+    bare_verb = parts[0] in first.get("VERB", ()) and "ADJ" not in first
+    return not (set(first) == {"VERB"} or (bare_verb and len(parts) > 1 and (
+        parts[1] in _DETERMINERS or parts[1] in _PARTICLES)))
 
 
 def _table_questions(rows: Sequence[str], title: str) -> list[RuleQuestion]:
@@ -536,10 +573,15 @@ def answer_spans(sentence: str) -> list[tuple[str, int, int]]:
             if pattern.kind == "name":  # "Brindlewood Labs for" -> "Brindlewood Labs"
                 text = re.sub(r"(?: (?:of|and|for))+$", "", text)
                 end = start + len(text)
+                if " " not in text and not _lone_name(text, sentence[:start], sentence[end:]):
+                    continue
             if text.startswith(("\"", "'", "“", "‘")):
                 start, text = start + 1, text[1:]
-            if not text or len(text.split()) > MAX_ANSWER_WORDS:
+            if not text or len(text.split()) > MAX_ANSWER_WORDS or _cuts_a_word(sentence,
+                                                                                 start, end):
                 continue
+            if pattern.kind == "duration" and "-" in text:
+                continue  # "a 48-hour waiting period": an adjective, "how many hour" asks badly
             if any(start < e and s < end for s, e in taken):
                 continue
             taken.append((start, end))
@@ -547,12 +589,73 @@ def answer_spans(sentence: str) -> list[tuple[str, int, int]]:
     return sorted(found, key=lambda f: f[1])
 
 
+_AFTER_A_NAME = {"in", "on", "at", "with", "to", "from", "by", "for", "of", "and", "or", "as",
+                 "is", "are", "was", "were", "can", "cannot", "will", "may", "must", "does",
+                 "did", "has", "have", "had", "also", "still", "never"}
+
+
+def _lone_name(word: str, before: str, after: str) -> bool:
+    """Whether one capitalised word is a name that answers a question: not a word the lexicon
+    knows ("the Customer"), not a noun after a determiner ("this DPA", "your IdP") or before
+    a possessive, and not a modifier of the noun after it ("the Quillfeather service", "API
+    keys": asking "the what service?" reads badly)."""
+    previous = before.split()[-1].lower() if before.split() else ""
+    if _common(word) or previous in _DETERMINERS or after.startswith(("'s", "’s")):
+        return False
+    following = after.split()
+    if not following or not following[0][:1].isalpha():
+        return True
+    nxt = following[0].strip(",.;:").lower()
+    return nxt in _AFTER_A_NAME or (bool(_verb_lemma(nxt, word)) and not _ambiguous(nxt))
+
+
+def _cuts_a_word(sentence: str, start: int, end: int) -> bool:
+    """A span that starts or ends inside a word or a dotted number ("JAW" of "JAWS",
+    "10.44.0" of "10.44.0.10") is no answer."""
+    before = sentence[start - 1] if start > 0 else " "
+    after = sentence[end:end + 2]
+    return (before.isalnum() or (before == "." and start > 1 and sentence[start - 2].isdigit())
+            or (after[:1].isalnum()) or (after[:1] == "." and after[1:2].isdigit()))
+
+
+_COUNT_STOP = {"of", "to", "for", "in", "on", "at", "per", "by", "with", "from", "and", "or",
+               "than", "that", "which", "who", "each", "a", "an", "the"}
+
+
+def _counted(after: str) -> tuple[str, str]:
+    """(noun, rest): the words a bare number counts ("up to 100 named versions" -> "named
+    versions"), so the wh-phrase carries them ("How many named versions ...") instead of
+    stranding them ("How many can a page have up to named versions?")."""
+    words = after.split()
+    taken: list[str] = []
+    for i, word in enumerate(words[:3]):
+        bare = word.rstrip(",.;:")
+        nxt = words[i + 1] if i + 1 < len(words) else ""
+        adjective = bare.endswith("ed") and nxt.isalpha() and nxt.islower()  # "named versions"
+        if (not bare.isalpha() or not bare.islower() or bare in _COUNT_STOP or bare in _AUX
+                or (_verb_lemma(bare, "xs") and not adjective and not _ambiguous(bare))):
+            break
+        taken.append(bare)
+        if bare != word:
+            break
+    return " ".join(taken), " ".join(words[len(taken):])
+
+
 def span_questions(sentence: str) -> list[RuleQuestion]:
     out = []
     for kind, start, end in answer_spans(sentence):
         answer = sentence[start:end]
         before, after = sentence[:start].strip(), _tail(sentence[end:])
+        if kind in ("name", "identifier") and re.match(r"(?:and|or|nor)\b", after):
+            continue  # one conjunct of "VAT and other sales taxes": the answer is both
         wh = _wh_phrase(kind, answer, before)
+        if kind == "number":
+            noun, rest = _counted(after)
+            if rest[:1].isalpha() and not re.match(r"(?:of|to|for|in|on|at|per|by|with|from|"
+                                                   r"than|that|which|who)\b", rest):
+                continue  # the counted noun phrase goes on ("10 active API keys"): unclear
+            if noun:
+                wh, after = f"{wh} {noun}", rest
         # The span's own clause first (after the last comma before it), then the sentence.
         clauses = [before]
         cut = max(before.rfind("; "), before.rfind(", "))
@@ -575,10 +678,17 @@ def span_questions(sentence: str) -> list[RuleQuestion]:
 
 
 _DANGLING = re.compile(
-    # Words no question can end on (a stranded preposition, "made of?", can).
-    r"\b(the|a|an|and|or|than|per|its|their|your|our|this|these|those)\s*\?$",
+    # Words no question can end on (a stranded preposition, "made of?", can), or a list cut
+    # after its comma ("sold in four plans: Free, Plus,?").
+    r"\b(the|a|an|and|or|than|per|its|their|your|our|this|these|those)\s*\?$|[,:;(]\s*\?$|"
+    r", (?:what|who|which)\?$",
     re.IGNORECASE,
 )
+# Do-support in front of an auxiliary ("What e-mail address did can be reach at?"): the verb
+# taken for the main one was a participle.
+_DOUBLE_AUX = re.compile(
+    r"\b(?:do|does|did) (?:is|are|was|were|can|cannot|must|will|may|should|could|would|has|"
+    r"have|had|be|not)\b", re.IGNORECASE)
 
 
 def check(q: RuleQuestion) -> str | None:
@@ -592,6 +702,10 @@ def check(q: RuleQuestion) -> str | None:
         return "bad_format"
     if _DANGLING.search(q.question):
         return "dangling_end"  # "... as a percentage of the?": the span cut a phrase in two
+    if _DOUBLE_AUX.search(q.question):
+        return "ungrammatical"
+    if q.question.count("**") % 2 or q.question.count("(") != q.question.count(")"):
+        return "broken_markup"  # the span or the clause cut a bold phrase or a bracket
     return None
 
 

@@ -175,3 +175,49 @@ def test_a_bare_article_is_never_an_answer():
                      "An escalated ticket is reviewed by a team lead within 4 business hours."):
         for q in rq.sentence_questions(sentence):
             assert q.answer.lower() not in ("the", "a", "an"), q
+
+
+# Rules v6: malformed questions found in the handbook build (run 8's validation questions).
+def test_an_answer_never_ends_inside_a_word_or_a_dotted_number():
+    for sentence, cut in (
+        ("Our own teams test with NVDA and JAWS on Windows and VoiceOver on macOS.", "JAW"),
+        ("Each viewer sees the file in Google Drive or OneDrive.", "Google Driv"),
+        ("The default management IP address of the QV-200 is 10.44.0.10 with a "
+         "255.255.255.0 subnet mask.", "10.44.0"),
+    ):
+        for q in rq.sentence_questions(sentence):
+            words = q.sentence.split()
+            assert q.answer in q.sentence and not q.answer.endswith(cut[-3:]) or (
+                any(w.strip(".,") == q.answer for w in words)), q
+
+
+@pytest.mark.parametrize(
+    ("sentence", "bad"),
+    [
+        ("SEPA refunds take up to 3 business days.", "take up"),  # "refunds" taken for the verb
+        ("Most simultaneous edits merge without any problem.", "merge without any problem"),
+        ("Engineers from the affected team investigate and fix the problem.",
+         "investigate and fix the problem"),
+        ("Changing it signs out every other session.", "out every other session"),
+    ],
+)
+def test_an_object_answer_is_a_noun_phrase(sentence, bad):
+    assert bad not in {q.answer for q in rq.sentence_questions(sentence)}
+
+
+def test_no_do_support_in_front_of_an_auxiliary_and_no_cut_list():
+    made = [q.question for s in (
+        "Our data protection officer is Maren Tillhagen, who can be reached at "
+        "privacy@quillfeather.app.",
+        "Quillfeather is sold in four plans: Free, Plus, Pro and Enterprise.",
+        "Support is provided in English, Estonian and German.",
+    ) for q in rq.sentence_questions(s) if rq.check(q) is None]
+    assert made  # the sentences still give questions
+    assert not any(" did can " in q or q.endswith((",?", ", what?")) for q in made), made
+
+
+def test_a_bare_number_carries_the_noun_it_counts_and_units_are_plural():
+    made = _by_answer("A page can have up to 100 named versions.")
+    assert made["100"].question == "How many named versions can a page have up to?"
+    made = _by_answer("The incident commander checks their progress after one month.")
+    assert made["one month"].question.startswith("How many months ")
