@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from docent.prompts import normalise, squash
 
-VERSION = "6"  # bump when the rules change: cached rule questions are keyed by it
+VERSION = "7"  # bump when the rules change: cached rule questions are keyed by it
 MAX_ANSWER_WORDS = 10
 MAX_QUESTION_WORDS = 32
 _AUX = {
@@ -48,6 +48,7 @@ _NOT_SUBJECT = {
     "it", "they", "this", "that", "these", "those", "you", "we", "he", "she", "there", "here",
     "which", "who", "what", "each", "one", "i",
 }
+_PRONOUNS = {"we", "you", "they", "i", "he", "she", "it"}
 _SUBORDINATE = re.compile(
     r"^(if|when|while|after|before|once|until|unless|because|although|though|since|as|for|"
     r"to|in|on|at|by|from|with|without|during|under|over|after|within|for|note|see|also|"
@@ -74,6 +75,8 @@ _COUNTABLE = (
     r"percent|points?"
 )
 _CURRENCY = r"EUR|USD|GBP|€|\$|£"
+_SEGMENT = (r"[A-Z][\w'’-]*(?: (?!(?:and|or|then|to|for|in|on|at|from|under|with|by|if|"
+            r"when|is|are|can|will|must)\b)[\w'’-]+){0,2}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,11 @@ PATTERNS: tuple[Pattern, ...] = (
     Pattern("shortcut", re.compile(
         r"\b(?:Ctrl|Cmd|Alt|Shift|Option|⌘)(?:\s?\+\s?(?:Ctrl|Cmd|Alt|Shift|Option|Enter|Tab|"
         r"Space|Esc|F\d{1,2}|[A-Z0-9/.,;\[\]\\]))+")),
+    # Where a setting lives: "Settings > Workspace > Support access". A segment is a
+    # capitalised word and up to two more, never a joining word ("Vault and choose ...").
+    Pattern("path", re.compile(
+        rf"\b(?!(?:Under|In|On|From|At|Via|Open|Go|Choose|Select|Click)\b)"
+        rf"{_SEGMENT}(?: > {_SEGMENT})+(?![\w>-])")),
     Pattern("version", re.compile(
         r"\b(?:[Vv]ersion |v)\d+(?:\.\d+)+\b|(?<![\d.])\b\d+\.\d+\.\d+\b(?!\.\d)")),
     Pattern("money", re.compile(
@@ -121,7 +129,7 @@ PATTERNS: tuple[Pattern, ...] = (
         r"(?P<a>[A-Z][\w-]*(?: [A-Z][\w-]*){0,3})")),
     Pattern("name", re.compile(
         r"(?<=[a-z,;:] )[A-Z][\w.&-]*(?: (?:[A-Z][\w.&-]*|\d[\d.]*|(?:of|and|for)\b)){0,4}"
-        r"(?<![ ,.])(?![\w&-])(?! [a-z]+ [A-Z])")),
+        r"(?<![ ,.])(?![\w&-])(?! [a-z]+ [A-Z])(?! [A-Z])")),
 )
 _UNIT_OF = re.compile(r"([A-Za-z%€$£]+(?: days)?)(?: per \w+)?$")
 
@@ -133,6 +141,8 @@ ASKS_FOR = {
     "code": re.compile(r"\b(code|which|what|identifier|number)\b", re.I),
     "identifier": re.compile(r"\b(which|what|name)\b", re.I),
     "shortcut": re.compile(r"\b(shortcut|keys?|which|what)\b", re.I),
+    "path": re.compile(r"^where\b", re.I),
+    "definition": re.compile(r"^what (is|are)\b", re.I),
     "version": re.compile(r"\b(version|release|which|what)\b", re.I),
     "money": re.compile(r"\bhow much\b|\b(price|cost|fee)\b", re.I),
     "percent": re.compile(r"\b(percentage|percent|how much|what share)\b", re.I),
@@ -366,7 +376,9 @@ def _finite_verb(words: Sequence[str]) -> _Verb | None:
                 or _RELATIVE.search(subject) or _SUBORDINATE.match(subject)
                 or any(w.lower() in _AUX or w.lower() in ("be", "been", "not") for w in
                        words[:start])
-                or ":" in subject or subject.count("**") % 2):
+                or ":" in subject or subject.count("**") % 2
+                or (start > 1 and words[0].lower() in _PRONOUNS)):
+            # "We answer requests": a pronoun is the whole subject, so "requests" is no verb
             return None
         return _Verb(start, i, lower, verb)
     return None
@@ -418,9 +430,31 @@ def _join(*parts: str) -> str:
 
 def _cloze(before: str, after: str, wh: str) -> str | None:
     """Lewis et al.'s identity form: the clause with the wh-phrase in the span's place."""
-    if len(before.split()) < 3 or _SUBORDINATE.match(before):
+    words = before.split()
+    if len(words) < 3 or _SUBORDINATE.match(before):
         return None
+    if not _has_verb([*words, *after.split()]):
+        return None  # "Head of Channel Sales at what?": a noun phrase, not a clause
     return _join(before, wh, after)
+
+
+def _has_verb(words: Sequence[str]) -> bool:
+    """Whether the words hold a verb: an instruction's first word ("Read the header"), an
+    auxiliary, a finite verb, or a bare verb after a pronoun or a plural ("we reply",
+    "workspaces keep")."""
+    from lemminflect import getAllLemmas
+
+    if len(words) > 1 and _imperative(words[0]) and words[1].lower() != "of":
+        return True  # "Head of Channel Sales" is a title, not an instruction
+    for i, word in enumerate(words):
+        lower = word.lower().strip(",.;:")
+        previous = words[i - 1].lower() if i else ""
+        plural = previous.endswith("s") and not previous.endswith("ss")
+        if lower in _AUX or _verb_lemma(lower, previous) or (
+                (previous in _PRONOUNS or plural)
+                and lower in getAllLemmas(lower).get("VERB", ())):
+            return True
+    return False
 
 
 def _subject_question(sentence: str) -> RuleQuestion | None:
@@ -461,18 +495,81 @@ def _object_question(sentence: str) -> RuleQuestion | None:
     if _imperative(words[0]):
         return None
     found = _finite_verb(words)
-    if found is None or found.main is None:
-        return None  # auxiliaries ("is") make attribute questions, not object ones
-    subject, adverbs, rest = found.parts(words)
-    lemma, tense = found.main
-    obj = _tail(rest)
-    obj = re.split(r" (?:to|for|in|on|at|from|with|by|when|during|after|before|until|via)\b",
-                   obj, maxsplit=1)[0]
-    n = len(obj.split())
-    if not 2 <= n <= 5 or _SUBORDINATE.match(obj) or not _noun_phrase(obj):
+    if found is None:
         return None
-    return RuleQuestion(_join("what", _DO[tense], _lower_first(subject), adverbs, lemma),
-                        obj, sentence, "object", "wh")
+    subject, adverbs, rest = found.parts(words)
+    if found.main is not None:
+        lemma, tense = found.main
+        asked = _join("what", _DO[tense], _lower_first(subject), adverbs, lemma)
+    else:
+        # A modal before a bare verb ("Owners can export every page") moves alone: "What can
+        # owners export?". "is" makes attribute questions, not object ones; a negated verb
+        # ("cannot see", "will never ask") asks for what is not the case, a poor question.
+        modal = _modal_verb(found.word, rest)
+        if modal is None:
+            return None
+        lemma, rest = modal
+        asked = _join("what", found.word, _lower_first(subject), adverbs, lemma)
+    obj = _tail(rest)
+    obj = re.split(r" (?:to|for|in|on|at|from|with|by|when|during|after|before|until|via|as|"
+                   r"into|within|without|under|through|over|across|using)\b",
+                   obj, maxsplit=1)[0]
+    obj = _TRAILING_ADVERB.sub("", obj)  # "the trash early", "guests only"
+    n = len(obj.split())
+    if (not 2 <= n <= 5 or _SUBORDINATE.match(obj) or not _noun_phrase(obj)
+            or lemma in _CAUSATIVES):
+        return None
+    return RuleQuestion(asked, obj, sentence, "object", "wh")
+
+
+# "let members sign in", "make the service available": the object is half of a clause.
+_CAUSATIVES = {"let", "make", "help", "have", "get", "keep", "leave", "want", "ask"}
+_TRAILING_ADVERB = re.compile(
+    r"(?: (?:later|early|earlier|only|again|directly|themselves|himself|herself|itself|"
+    r"automatically|manually|instead|first|now|too|also|anytime|immediately|yourself))+$")
+_MODALS = {"can", "must", "should", "will", "may", "could", "would", "might"}
+_NEGATIONS = {"not", "never", "no", "neither", "nor"}
+
+
+def _modal_verb(word: str, rest: str) -> tuple[str, str] | None:
+    """(bare verb, words after it) where ``word`` is a modal followed, past adverbs, by a
+    bare main verb; None for other auxiliaries, negations, passives ("can be restored")."""
+    from lemminflect import getAllLemmas
+
+    if word not in _MODALS:
+        return None
+    words = rest.split()
+    while words and words[0].lower() in _ADVERBS and words[0].lower() not in _NEGATIONS:
+        words = words[1:]
+    if not words:
+        return None
+    verb = words[0].lower()
+    if (verb in _NEGATIONS or verb in _AUX or verb in ("be", "been", "get")
+            or not verb.isalpha() or verb not in getAllLemmas(verb).get("VERB", ())):
+        return None
+    return verb, " ".join(words[1:])
+
+
+_DEFINITION = re.compile(
+    r"^(?P<subject>(?:A|An|The) (?:\*\*)?[\w-]+(?: [\w-]+){0,2}?(?:\*\*)?) (?P<verb>is|are) "
+    r"(?P<complement>(?:a|an) .+)$")
+
+
+def _definition_question(sentence: str) -> RuleQuestion | None:
+    """``A shelf is a collection of pages about one subject.`` -> ``What is a shelf?``
+    (answer: the defining noun phrase, up to a comma or a clause)."""
+    found = _DEFINITION.match(sentence.rstrip(".!"))
+    if found is None:
+        return None
+    subject = found.group("subject").replace("**", "")
+    if any(w.lower() in _AUX or _RELATIVE.fullmatch(w) for w in subject.split()[1:]):
+        return None  # "The page that is shared is ...": the subject runs into a clause
+    answer = _tail(found.group("complement"))
+    answer = re.split(r" (?:that|which|who|where|such as|for example)\b", answer)[0]
+    if not 2 <= len(answer.split()) <= MAX_ANSWER_WORDS or not _noun_phrase(answer):
+        return None
+    question = _join("What", found.group("verb"), _lower_first(subject))
+    return RuleQuestion(question, answer, sentence, "definition", "wh")
 
 
 # After a bare verb these make a verb phrase: "take up", "merge without", "fix and".
@@ -553,7 +650,8 @@ def sentence_questions(sentence: str) -> list[RuleQuestion]:
     that is already a span (``costs 6 EUR``) keeps its more specific span question."""
     out = span_questions(sentence)
     spans = {q.answer for q in out}
-    for made in (_subject_question(sentence), _object_question(sentence)):
+    for made in (_subject_question(sentence), _object_question(sentence),
+                 _definition_question(sentence)):
         if made is not None and made.answer not in spans:
             out.append(made)
     return out
@@ -609,13 +707,18 @@ def _lone_name(word: str, before: str, after: str) -> bool:
     return nxt in _AFTER_A_NAME or (bool(_verb_lemma(nxt, word)) and not _ambiguous(nxt))
 
 
+_GLUE = {":", "=", "/", "@", "_"}
+
+
 def _cuts_a_word(sentence: str, start: int, end: int) -> bool:
     """A span that starts or ends inside a word or a dotted number ("JAW" of "JAWS",
     "10.44.0" of "10.44.0.10") is no answer."""
     before = sentence[start - 1] if start > 0 else " "
     after = sentence[end:end + 2]
     return (before.isalnum() or (before == "." and start > 1 and sentence[start - 2].isdigit())
-            or (after[:1].isalnum()) or (after[:1] == "." and after[1:2].isdigit()))
+            or (after[:1].isalnum()) or (after[:1] == "." and after[1:2].isdigit())
+            # glued to an operator or a path: "after:2025-01-01", "key=10", "docs/v2"
+            or before in _GLUE or (after[:1] in _GLUE and after[1:2].strip() != ""))
 
 
 _COUNT_STOP = {"of", "to", "for", "in", "on", "at", "per", "by", "with", "from", "and", "or",
@@ -646,6 +749,13 @@ def span_questions(sentence: str) -> list[RuleQuestion]:
     for kind, start, end in answer_spans(sentence):
         answer = sentence[start:end]
         before, after = sentence[:start].strip(), _tail(sentence[end:])
+        if kind == "path":
+            made = _path_question(sentence, start, end)
+            if made is not None:
+                out.append(made)
+            continue
+        if before.split() and before.split()[-1].lower() in ("how", "what", "why", "whether"):
+            continue  # "describes how Brindlewood Labs responds": no wh-phrase fits there
         if kind in ("name", "identifier") and re.match(r"(?:and|or|nor)\b", after):
             continue  # one conjunct of "VAT and other sales taxes": the answer is both
         wh = _wh_phrase(kind, answer, before)
@@ -677,6 +787,47 @@ def span_questions(sentence: str) -> list[RuleQuestion]:
     return out
 
 
+_BE = re.compile(r"\b(?:is|are|was|were)\b", re.I)
+_PLACE_PREPOSITIONS = {"in", "under", "from", "at", "via", "on"}
+_CLAUSE_START = re.compile(r".*(?:[,;:] |\b(?:unless|if|when|once|so that|then|before|after|"
+                           r"while|until|because)\b )", re.I)
+
+
+def _path_question(sentence: str, start: int, end: int) -> RuleQuestion | None:
+    """``An owner can close a workspace from Settings > Workspace`` -> ``Where can an owner
+    close a workspace?``; instructions ("Correct your name in Profile > Account") ask
+    ``Where can you correct your name?``. Only a path after a place preposition: "Open
+    Settings > Vault and choose ..." names a step, not a place."""
+    answer = sentence[start:end]
+    words = sentence[:start].split()
+    if not words or words[-1].lower() not in _PLACE_PREPOSITIONS:
+        return None
+    before = " ".join(words[:-1])
+    after = sentence[end:]
+    if not before:  # "Under Settings > Workspace, owners can change ...": the clause follows
+        if not after.startswith(", "):
+            return None
+        clause, tail = _tail(after[2:]), ""
+    else:
+        clause, tail = before, _tail(after)
+        opener = _CLAUSE_START.match(clause)
+        if opener:
+            clause = clause[opener.end():]
+        clause = clause.strip(" *")
+    parts = clause.split()
+    if len(parts) < 2 or _SUBORDINATE.match(clause):
+        return None
+    if _imperative(parts[0]):
+        question = _join("Where can you", parts[0].lower(), *parts[1:], tail)
+    elif parts[0].lower() == "you" and parts[1] in _MODALS:  # "you" is no subject to ask for
+        question = _join("Where", parts[1], "you", *parts[2:], tail)
+    else:
+        question = _wh_move(clause, tail, "where")
+    if question is None or len(_BE.findall(question)) > 1:
+        return None  # "Where are the version you using is shown?": a clause in the subject
+    return RuleQuestion(question, answer, sentence, "path", "wh")
+
+
 _DANGLING = re.compile(
     # Words no question can end on (a stranded preposition, "made of?", can), or a list cut
     # after its comma ("sold in four plans: Free, Plus,?").
@@ -684,11 +835,13 @@ _DANGLING = re.compile(
     r", (?:what|who|which)\?$",
     re.IGNORECASE,
 )
+_VAGUE = re.compile(r"\b(?:it|them|this|that|these|those|they|there)\?$", re.I)
 # Do-support in front of an auxiliary ("What e-mail address did can be reach at?"): the verb
 # taken for the main one was a participle.
+# An article before an auxiliary ("to the are announced") is a noun phrase the span cut.
 _DOUBLE_AUX = re.compile(
-    r"\b(?:do|does|did) (?:is|are|was|were|can|cannot|must|will|may|should|could|would|has|"
-    r"have|had|be|not)\b", re.IGNORECASE)
+    r"\b(?:do|does|did|the|a|an) (?:is|are|was|were|can|cannot|must|will|may|should|could|"
+    r"would|has|have|had|be|not)\b", re.IGNORECASE)
 
 
 def check(q: RuleQuestion) -> str | None:
@@ -704,6 +857,8 @@ def check(q: RuleQuestion) -> str | None:
         return "dangling_end"  # "... as a percentage of the?": the span cut a phrase in two
     if _DOUBLE_AUX.search(q.question):
         return "ungrammatical"
+    if _VAGUE.search(q.question):
+        return "vague_reference"  # "Where can you open it?": "it" is in the sentence before
     if q.question.count("**") % 2 or q.question.count("(") != q.question.count(")"):
         return "broken_markup"  # the span or the clause cut a bold phrase or a bracket
     return None

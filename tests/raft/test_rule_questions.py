@@ -221,3 +221,99 @@ def test_a_bare_number_carries_the_noun_it_counts_and_units_are_plural():
     assert made["100"].question == "How many named versions can a page have up to?"
     made = _by_answer("The incident commander checks their progress after one month.")
     assert made["one month"].question.startswith("How many months ")
+
+
+# Rules v7: the question kinds support documentation is asked most (where a setting lives,
+# what a term means, what a role may do), from the handbook sentences that gave none in v6.
+@pytest.mark.parametrize(
+    ("sentence", "question", "answer"),
+    [
+        ("An owner can close a workspace from Settings > Workspace > Close workspace.",
+         "Where can an owner close a workspace?", "Settings > Workspace > Close workspace"),
+        ("Correct your name and email in Profile > Account.",
+         "Where can you correct your name and email?", "Profile > Account"),
+        ("You can download all previous invoices from Settings > Billing > Invoice history.",
+         "Where can you download all previous invoices?", "Settings > Billing > Invoice history"),
+        ("Support staff cannot see your content unless an owner grants support access from "
+         "Settings > Workspace > Support access.",
+         "Where does an owner grant support access?", "Settings > Workspace > Support access"),
+        ("If your phone is shared, turn on App lock under Settings > Privacy.",
+         "Where can you turn on App lock?", "Settings > Privacy"),
+    ],
+)
+def test_a_settings_path_after_a_place_preposition_asks_where(sentence, question, answer):
+    made = _by_answer(sentence)
+    assert made[answer].question == question and made[answer].kind == "path"
+    assert rq.check(made[answer]) is None
+
+
+def test_a_path_that_names_a_step_or_a_pronoun_is_not_asked():
+    # "Open X > Y and choose ..." is a step, not a place; "it" needs the sentence before.
+    assert not [q for q in rq.sentence_questions(
+        "In the admin console, open Infrastructure > Vault and choose Add appliance.")
+        if q.kind == "path"]
+    made = _by_answer("You can open it from Settings > Advanced > Sync Doctor.")
+    assert rq.check(made["Settings > Advanced > Sync Doctor"]) == "vague_reference"
+
+
+def test_a_definition_asks_what_the_term_is():
+    made = _by_answer("A shelf is a collection of pages about one subject, such as "
+                      "\"Engineering\" or \"Onboarding\".")
+    q = made["a collection of pages about one subject"]
+    assert (q.question, q.kind) == ("What is a shelf?", "definition")
+    assert _by_answer("A **page** is a single document.")["a single document"].question == (
+        "What is a page?")
+
+
+@pytest.mark.parametrize(
+    ("sentence", "question", "answer"),
+    [
+        ("An admin can empty the trash early.", "What can an admin empty?", "the trash"),
+        ("Only workspace owners can start a full workspace export.",
+         "What can only workspace owners start?", "a full workspace export"),
+        ("The SAML assertion must contain the user's email address.",
+         "What must the SAML assertion contain?", "the user's email address"),
+    ],
+)
+def test_a_modal_moves_alone_before_its_bare_verb(sentence, question, answer):
+    made = _by_answer(sentence)
+    assert made[answer].question == question and made[answer].kind == "object"
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "Support staff will never ask you for your password.",  # negated: asks what is not so
+        "Enterprise workspaces can let members sign in with SAML.",  # causative: half a clause
+        "The archive can be restored by an owner.",  # passive: no object
+    ],
+)
+def test_no_object_question_for_negated_causative_or_passive_modals(sentence):
+    assert not [q for q in rq.sentence_questions(sentence) if q.kind == "object"]
+
+
+def test_no_question_from_a_pronoun_subject_an_embedded_question_or_a_cut_noun_phrase():
+    # Run 9's validation questions: "How many days does we answer request ... within?",
+    # "What does this runbook describe how responds to incidents?", "... to the are ...?"
+    made = [q.question for s in (
+        "We answer requests from individuals about their personal data within 30 days.",
+        "This runbook describes how Brindlewood Labs responds to incidents.",
+        "Material changes to the Privacy Notice are announced by email at least 30 days ahead.",
+    ) for q in rq.sentence_questions(s) if rq.check(q) is None]
+    assert made  # the third still gives its duration question
+    assert not any("does we " in q or " how responds" in q or " the are " in q for q in made)
+
+
+def test_a_cloze_needs_a_clause_and_an_answer_is_never_glued_to_an_operator():
+    # Run 9's training questions "Head of Channel Sales at what?" (a title, no verb) and
+    # "The search roadmap by:maria after: what date -draft ...?" (half of a search operator).
+    made = [q.question for s in (
+        "Dear partners, this memo was written by Ines Calloway, Head of Channel Sales at "
+        "Brindlewood Labs, to explain the changes.",
+        "For example, the search roadmap by:maria after:2025-01-01 -draft finds pages.",
+    ) for q in rq.sentence_questions(s)]
+    assert "Head of Channel Sales at what?" not in made
+    assert not any("after: what" in q or "Head of Channel" in q.split("by")[0] for q in made)
+    assert "We reply to accessibility feedback within how many working days?" in [
+        q.question for q in rq.sentence_questions(
+            "Write to us; we reply to accessibility feedback within 3 working days.")]
