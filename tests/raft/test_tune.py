@@ -17,6 +17,7 @@ from eval.promotion import gate_decision
 from eval.runner import load_questions
 from eval.tune import expand_grid, fits_budget, grid_axes, stalled
 from eval.validation import (
+    MIN_ASKED,
     known_base_rag,
     prepare_validation,
     record_score,
@@ -71,6 +72,20 @@ def test_validation_questions_are_answerable_asked_once_and_picked_by_seed(tmp_p
     assert {r["question"] for r in picked} != {r["question"] for r in other}
     with pytest.raises(ConfigError, match="at least 1"):
         validation_questions(folder, cap=0, seed=0)
+
+
+def test_cloze_questions_are_asked_only_when_too_few_others_exist(tmp_path):
+    # A cloze form is a training wording; the gate asks what a user would ask.
+    def cloze(i: int) -> dict:
+        row = _row(f"The desk opens at what {i}?", f"{i}", "oracle")
+        row["meta"]["origin"] = "rules:cloze"
+        return row
+
+    folder = _raft_folder(tmp_path, [*ROWS, *[cloze(i) for i in range(5)]])
+    assert not any("what" in r["question"] for r in validation_questions(folder, 100, seed=0))
+    few = _raft_folder(tmp_path, [ROWS[0], *[cloze(i) for i in range(20)]], name="few")
+    asked = validation_questions(few, cap=100, seed=0)
+    assert len(asked) == MIN_ASKED and asked[0]["question"] == "When does the desk open?"
 
 
 def test_prepared_questions_are_what_run_eval_reads(tmp_path):
