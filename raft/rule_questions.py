@@ -817,6 +817,7 @@ def _path_question(sentence: str, start: int, end: int) -> RuleQuestion | None:
     parts = clause.split()
     if len(parts) < 2 or _SUBORDINATE.match(clause):
         return None
+    question: str | None
     if _imperative(parts[0]):
         question = _join("Where can you", parts[0].lower(), *parts[1:], tail)
     elif parts[0].lower() == "you" and parts[1] in _MODALS:  # "you" is no subject to ask for
