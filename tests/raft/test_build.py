@@ -202,9 +202,9 @@ def test_documents_alone_give_verified_questions_with_no_model(tmp_path, handboo
     report = build_raft_set(settings, limit=30, engine=NoModel(), embedder=embedder)
     assert report.human_questions == 0 and report.teacher == "local:default"
     # Rule questions from 30 chunks: most chunks give more than one that survives every
-    # check. Rules v6 measured 58 here (v5: 60+; what v6 dropped was malformed, see
-    # test_rule_questions.py), 2.0 per chunk on the whole handbook.
-    assert report.questions_accepted >= 50, report.as_dict()
+    # check. Rules v7 measured 49 here in the whole suite (v6: 58, v5: 60+; what v6 and v7
+    # dropped was malformed, see test_rule_questions.py), 2.1 per chunk on the whole handbook.
+    assert report.questions_accepted >= 45, report.as_dict()
     assert report.rejections.get("does_not_retrieve_its_chunk", 0) > 0  # the check runs
     assert report.kinds.get("no_oracle", 0) == 0  # P = 1.0
     folder = settings.workspace / "raft" / report.name
