@@ -223,12 +223,17 @@ def _named(phrase: str) -> bool:
     )
 
 
-def _imperative(first: str) -> bool:
-    """A sentence that starts with a bare verb ("Browse the gallery", "Link to a page")."""
+def _bare_verb(word: str) -> bool:
+    """A verb's base form ("browse", "reply"), whatever else the word may be."""
     from lemminflect import getAllLemmas
 
-    lower = first.lower()
+    lower = word.lower()
     return lower in getAllLemmas(lower).get("VERB", ())
+
+
+def _imperative(first: str) -> bool:
+    """A sentence that starts with a bare verb ("Browse the gallery", "Link to a page")."""
+    return _bare_verb(first)
 
 
 def _common(word: str) -> bool:
@@ -442,8 +447,6 @@ def _has_verb(words: Sequence[str]) -> bool:
     """Whether the words hold a verb: an instruction's first word ("Read the header"), an
     auxiliary, a finite verb, or a bare verb after a pronoun or a plural ("we reply",
     "workspaces keep")."""
-    from lemminflect import getAllLemmas
-
     if len(words) > 1 and _imperative(words[0]) and words[1].lower() != "of":
         return True  # "Head of Channel Sales" is a title, not an instruction
     for i, word in enumerate(words):
@@ -452,7 +455,7 @@ def _has_verb(words: Sequence[str]) -> bool:
         plural = previous.endswith("s") and not previous.endswith("ss")
         if lower in _AUX or _verb_lemma(lower, previous) or (
                 (previous in _PRONOUNS or plural)
-                and lower in getAllLemmas(lower).get("VERB", ())):
+                and _bare_verb(lower)):
             return True
     return False
 
@@ -534,8 +537,6 @@ _NEGATIONS = {"not", "never", "no", "neither", "nor"}
 def _modal_verb(word: str, rest: str) -> tuple[str, str] | None:
     """(bare verb, words after it) where ``word`` is a modal followed, past adverbs, by a
     bare main verb; None for other auxiliaries, negations, passives ("can be restored")."""
-    from lemminflect import getAllLemmas
-
     if word not in _MODALS:
         return None
     words = rest.split()
@@ -545,7 +546,7 @@ def _modal_verb(word: str, rest: str) -> tuple[str, str] | None:
         return None
     verb = words[0].lower()
     if (verb in _NEGATIONS or verb in _AUX or verb in ("be", "been", "get")
-            or not verb.isalpha() or verb not in getAllLemmas(verb).get("VERB", ())):
+            or not verb.isalpha() or not _bare_verb(verb)):
         return None
     return verb, " ".join(words[1:])
 
