@@ -179,6 +179,13 @@ class DocentSettings(BaseSettings):
         description="Validation questions (deduplicated, picked by seed) an adapter is scored "
         "on by answer accuracy, for `docent tune` and gated promotion.",
     )
+    validation_max_tokens: int = Field(
+        default=160,
+        ge=8,
+        le=4096,
+        description="Tokens each validation answer may take when adapters are compared by "
+        "their answers (160: what `docent eval` gives).",
+    )
     tune_patience: int = Field(
         default=3,
         ge=1,
@@ -190,6 +197,43 @@ class DocentSettings(BaseSettings):
         le=1.0,
         description="A new adapter is promoted only when its validation accuracy beats both the "
         "promoted adapter and base+RAG by this much (0.02 = 2 points).",
+    )
+
+    # Preference tuning (docent train --method dpo, the loop's dpo stage): TRL's DPOTrainer on
+    # top of an SFT adapter, which is also the reference model.
+    dpo_beta: float = Field(
+        default=0.1, gt=0, le=10, description="DPO beta: how far from the SFT adapter it may move."
+    )
+    dpo_lr: float = Field(default=2e-4, gt=0, description="DPO learning rate (LoRA).")
+    dpo_epochs: float = Field(default=1.0, gt=0, description="Passes over the preference pairs.")
+    dpo_max_pairs: int = Field(
+        default=512, ge=1, le=100_000, description="Preference pairs used at most per run."
+    )
+    dpo_sft_weight: float = Field(
+        default=0.0,
+        ge=0,
+        le=10,
+        description="Weight of a likelihood term on the chosen answer beside the DPO loss (RPO, "
+        "Pang et al. 2024); 0: plain DPO.",
+    )
+
+    # The improvement loop (docent loop, POST /v1/loop).
+    forgetting_tolerance: float = Field(
+        default=0.03,
+        ge=0.0,
+        le=1.0,
+        description="A candidate adapter is promoted only if its general-knowledge probe accuracy "
+        "is at most this much below the base model's (0.03 = 3 points).",
+    )
+    probe_questions: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="General-knowledge probe questions the loop asks each candidate (the first N "
+        "of eval/probes/general.jsonl).",
+    )
+    loop_dpo: bool = Field(
+        default=True, description="Run the loop's preference-tuning (DPO) stage after SFT."
     )
 
     # Serving (docent serve).

@@ -39,6 +39,9 @@ class GateDecision:
     promoted: float | None
     promoted_name: str | None
     margin: float
+    probe: float | None = None  # general-knowledge probe accuracy, when the probe was asked
+    probe_base: float | None = None
+    tolerance: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,11 +60,20 @@ def gate_decision(
     force: bool = False,
     candidate_name: str = "the new adapter",
     promoted_name: str | None = None,
+    probe: float | None = None,
+    probe_base: float | None = None,
+    tolerance: float | None = None,
 ) -> GateDecision:
     """Promote when ``candidate`` beats the better of ``base_rag`` and ``promoted`` (None: no
-    adapter promoted) by at least ``margin`` and by more than nothing; ``force`` promotes
-    regardless. All figures are accuracies in [0, 1]."""
-    for label, value in (("candidate", candidate), ("base+RAG", base_rag), ("margin", margin)):
+    adapter promoted) by at least ``margin`` and by more than nothing and, when the forgetting
+    probe was asked (``probe``, ``probe_base`` and ``tolerance`` given), its probe accuracy is
+    at most ``tolerance`` below the base model's; ``force`` promotes regardless. All figures
+    are fractions in [0, 1]."""
+    checked = [("candidate", candidate), ("base+RAG", base_rag), ("margin", margin)]
+    checked += [(label, value) for label, value in (
+        ("probe", probe), ("base probe", probe_base), ("tolerance", tolerance)
+    ) if value is not None]
+    for label, value in checked:
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{label} {value} must be a fraction between 0 and 1")
     if promoted is not None and not 0.0 <= promoted <= 1.0:
@@ -77,13 +89,24 @@ def gate_decision(
         + f", base+RAG {_pct(base_rag)}"
     )
     needed = f"{_pct(bar + margin)} ({bar_label} + {100 * margin:.1f}-point margin)"
-    if beats:
+    forgets = ""
+    if probe is not None and probe_base is not None and tolerance is not None:
+        drop = probe_base - probe
+        figures += f"; forgetting probe {_pct(probe)} vs base {_pct(probe_base)}"
+        if drop > tolerance + _EPS:
+            forgets = (f"it forgets too much (probe {100 * drop:.1f} points below the base "
+                       f"model, tolerance {100 * tolerance:.1f})")
+    stays = promoted_name or "base+RAG (no adapter)"
+    if beats and not forgets:
         reason = f"{figures}: reaches {needed}"
-    elif force:
-        reason = f"{figures}: short of {needed}, promoted anyway because of --force"
+    elif beats:
+        reason = f"{figures}: reaches {needed} but {forgets}"
     else:
-        stays = promoted_name or "base+RAG (no adapter)"
-        reason = f"{figures}: short of {needed}, so {stays} stays live; --force promotes it anyway"
+        reason = f"{figures}: short of {needed}"
+    if not beats or forgets:
+        reason += (", promoted anyway because of --force" if force
+                   else f", so {stays} stays live; --force promotes it anyway")
+    beats = beats and not forgets
     return GateDecision(
         promote=beats or force,
         forced=force and not beats,
@@ -93,6 +116,9 @@ def gate_decision(
         promoted=promoted,
         promoted_name=promoted_name,
         margin=margin,
+        probe=probe,
+        probe_base=probe_base,
+        tolerance=tolerance,
     )
 
 

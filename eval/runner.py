@@ -292,6 +292,36 @@ def run_eval(
     return result
 
 
+def run_probe(
+    settings: DocentSettings,
+    adapter: str | None,
+    *,
+    limit: int | None = None,
+    max_tokens: int = 160,
+    engine: Engine | None = None,
+    progress: Progress = no_progress,
+) -> list[float]:
+    """The forgetting probe alone, for one set of weights (``adapter`` None: the base model):
+    one score per probe question, the first ``limit`` of them. Answers are kept in the eval
+    answer cache, so the base model's are asked once and a re-run after a crash resumes."""
+    info = _adapter(settings, adapter, ("raft",)) if adapter else None
+    variant = _Variant("raft" if info else "base", [], info)
+    kind = engine.kind if engine is not None else resolve_engine_kind(settings)
+    dtype = auto_dtype() if settings.dtype == "auto" else settings.dtype
+    cache = AnswerCache(
+        Workspace(settings.workspace).eval_dir / "answers.sqlite",
+        {"generator": settings.generator, "engine": kind, "dtype": dtype},
+    )
+    try:
+        with _engine(settings, variant, engine) as (live, request_adapter):
+            scores = _forgetting(_Answerer(live, request_adapter, variant, cache, False),
+                                 max_tokens, limit)
+    finally:
+        cache.close()
+    progress(f"probe ({variant.label})", len(scores), len(scores))
+    return scores
+
+
 @contextlib.contextmanager
 def _engine(
     settings: DocentSettings, variant: _Variant, given: Engine | None
@@ -502,12 +532,12 @@ def _forgetting_scores(per_probe: dict[str, list[float]]) -> dict[str, float]:
     return out
 
 
-def _forgetting(ask: _Answerer, max_tokens: int) -> list[float]:
+def _forgetting(ask: _Answerer, max_tokens: int, limit: int | None = None) -> list[float]:
     """General-knowledge answers scored without documents, one per probe, for one set of
     weights. It counts a gold anywhere in the output, unlike the headline: the probe asks for a
     short free answer with no ``<ANSWER>:`` format, and a tuned and a base model are compared
     with the same rule."""
-    rows = _probes()
+    rows = _probes()[:limit]
     items = [
         (str(n), ask.request([{"role": "user", "content": f"Answer briefly. {r['question']}"}],
                              min(max_tokens, 48)))

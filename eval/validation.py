@@ -98,10 +98,12 @@ def validation_questions(folder: Path, cap: int, seed: int) -> list[dict[str, An
 
 
 def prepare_validation(
-    settings: DocentSettings, dataset: str | None, max_tokens: int = VALIDATION_MAX_TOKENS
+    settings: DocentSettings, dataset: str | None, max_tokens: int | None = None
 ) -> ValidationSet:
     """Write the validation questions of RAFT set ``dataset`` (None: the latest) for
-    ``run_eval``, under ``<workspace>/eval/validation/``."""
+    ``run_eval``, under ``<workspace>/eval/validation/``; each answer may take ``max_tokens``
+    (None: ``settings.validation_max_tokens``)."""
+    max_tokens = max_tokens or settings.validation_max_tokens
     ws = Workspace(settings.workspace)
     folder = show.resolve(ws.raft_dir, dataset)
     rows = validation_questions(folder, settings.tune_val_questions, settings.seed)

@@ -164,6 +164,21 @@ def test_gate_says_why_with_the_three_figures_and_force_overrides_it():
         gate_decision(0.5, 0.5, None, 2.0)
 
 
+def test_gate_refuses_an_adapter_that_forgets_more_than_the_tolerance():
+    # 0.70 vs base 0.74: 4 points lost, tolerance 3 -> kept out despite the accuracy gain.
+    forgets = gate_decision(0.60, 0.50, None, 0.02, probe=0.70, probe_base=0.74, tolerance=0.03)
+    assert not forgets.promote and "forgets too much" in forgets.reason
+    assert "probe 70.0% vs base 74.0%" in forgets.reason and "--force" in forgets.reason
+    within = gate_decision(0.60, 0.50, None, 0.02, probe=0.72, probe_base=0.74, tolerance=0.03)
+    assert within.promote and within.probe == 0.72 and within.tolerance == 0.03
+    forced = gate_decision(
+        0.60, 0.50, None, 0.02, probe=0.50, probe_base=0.74, tolerance=0.03, force=True
+    )
+    assert forced.promote and forced.forced
+    with pytest.raises(ConfigError, match="probe 74.0 must be a fraction"):
+        gate_decision(0.6, 0.5, None, 0.02, probe=74.0, probe_base=0.74, tolerance=0.03)
+
+
 # The grid -----------------------------------------------------------------------------------
 def test_default_grid_is_lr_by_epochs_by_rank():
     settings = DocentSettings()
