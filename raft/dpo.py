@@ -1,0 +1,374 @@
+"""``docent train --method dpo``: preference tuning of an SFT adapter with TRL's DPOTrainer.
+
+The SFT adapter is both the start and the reference: loaded trainable as PEFT's "default"
+adapter, TRL copies it into a frozen "ref" adapter and scores the reference with it, so
+no second model is loaded. Only "default" is saved: the result is a LoRA adapter of the
+SFT adapter's shape on the same base, which the registry and every engine load unchanged.
+
+Pairs (``raft.preferences``) are rendered like SFT examples: the prompt by
+:func:`docent.prompts.chat_prompt`, chosen and rejected as plain text to which TRL appends
+the EOS token, as SFTTrainer does to a completion; the loss covers the answer and its
+end-of-turn token only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from docent.errors import ConfigError
+from docent.hardware import describe, summary
+from docent.models import generator_id, generator_path
+from docent.progress import Progress, no_progress
+from docent.prompts import chat_prompt
+from docent.settings import DocentSettings
+from docent.workspace import Workspace
+from raft.adapters import METADATA, AdapterError, AdapterInfo, AdapterRegistry
+from raft.preferences import check_pair, load_pairs, write_pairs
+from raft.train import RUNS, TrainResult, _device_plan, _load_base, _progress_callback
+
+log = logging.getLogger(__name__)
+# Apart from SFT's TRAINING.json: an interrupted SFT run and an interrupted DPO run each
+# resume on their own.
+DPO_TRAINING = "DPO_TRAINING.json"
+PAIRS_FILE = "pairs.jsonl"
+CURVE_KEYS = (
+    "step",
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+)
+
+
+def train_dpo(
+    settings: DocentSettings,
+    *,
+    sft: str | None = None,
+    pairs: list[dict[str, Any]] | Path | None = None,
+    name: str | None = None,
+    resume: bool = False,
+    progress: Progress = no_progress,
+    callbacks: list[Any] | None = None,
+) -> TrainResult:
+    """Train adapter ``name`` (default ``<sft>-dpo-<UTC time>``) from SFT adapter ``sft`` on
+    preference ``pairs`` (a list or a JSONL file). ``resume``: continue the interrupted run
+    from its last checkpoint (every ``train_eval_steps`` steps) with its settings and pairs."""
+    ws = Workspace(settings.workspace).ensure()
+    adapters_dir = ws.adapters_dir
+    state_path = adapters_dir / RUNS / DPO_TRAINING
+    if resume:
+        if not state_path.exists():
+            raise ConfigError("nothing to resume: no interrupted DPO training run was found")
+        state = json.loads(state_path.read_text())
+        settings = settings.with_overrides(**state["settings"])
+        sft, name = state["sft"], state["name"]
+        pairs = adapters_dir / RUNS / state["name"] / PAIRS_FILE
+    if sft is None or pairs is None:
+        raise ConfigError("train_dpo needs the SFT adapter (sft=) and the preference pairs")
+    parent = _parent(adapters_dir, sft, settings.generator)
+    rows = load_pairs(pairs) if isinstance(pairs, Path) else list(pairs)
+    for n, pair in enumerate(rows, start=1):
+        check_pair(pair, f"#{n}")
+    if len(rows) > settings.dpo_max_pairs:
+        log.info(
+            "using the first %d of %d pairs (dpo_max_pairs)", settings.dpo_max_pairs, len(rows)
+        )
+        rows = rows[: settings.dpo_max_pairs]
+    if not rows:
+        raise ConfigError(
+            "no preference pairs: the SFT adapter answered its training questions right and "
+            "grounded, and no feedback holds a correction or an upvote; collect feedback "
+            "(POST /v1/feedback) or keep the SFT adapter"
+        )
+    cuda, bf16 = _device_plan(settings)
+    name = name or f"{sft}-dpo-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    final = adapters_dir / name
+    if final.exists():
+        raise ConfigError(f"an adapter named {name!r} exists already: choose another --name")
+    run_dir = adapters_dir / RUNS / name
+    if not resume:
+        # Checkpoints of an abandoned run under this name must not mix with this run's.
+        shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pairs_hash = write_pairs(rows, run_dir / PAIRS_FILE)
+    hyper = _hyperparameters(settings)
+    state_path.write_text(json.dumps({"name": name, "sft": sft, "settings": hyper}))
+
+    trainer, tokenizer = _make_trainer(
+        settings,
+        parent,
+        rows,
+        run_dir,
+        cuda,
+        bf16,
+        [_progress_callback(progress), *(callbacks or [])],
+    )
+    if len(trainer.train_dataset) == 0:
+        state_path.unlink(missing_ok=True)  # nothing a resume could continue
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise ConfigError(
+            f"every pair's prompt is {settings.train_max_length} tokens or longer, so no answer "
+            "token is left to train on: raise DOCENT_TRAIN_MAX_LENGTH or retrieve fewer chunks"
+        )
+    checkpoint = _restore_checkpoint(trainer.model, run_dir) if resume else None
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+
+    history = list(trainer.state.log_history)
+    result = _result(name, final, parent, trainer, history, seconds, checkpoint)
+    meta = _metadata(settings, parent, result, history, rows, pairs_hash, hyper, cuda, bf16)
+    _publish(trainer, tokenizer, meta, run_dir, final)
+    state_path.unlink(missing_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+def _publish(
+    trainer: Any, tokenizer: Any, meta: dict[str, Any], run_dir: Path, final: Path
+) -> None:
+    """Write the adapter into a staging folder and rename it into place: a crash leaves no
+    half adapter in the registry."""
+    staging = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    # Only the trained adapter: the frozen "ref" copy would land in staging/ref/.
+    trainer.model.save_pretrained(str(staging), selected_adapters=["default"])
+    tokenizer.save_pretrained(str(staging))
+    shutil.copyfile(run_dir / PAIRS_FILE, staging / PAIRS_FILE)
+    (staging / METADATA).write_text(json.dumps(meta, indent=2))
+    _write_report(staging, meta)
+    os.rename(staging, final)
+
+
+def _parent(adapters_dir: Path, sft: str, generator: str) -> AdapterInfo:
+    registry = AdapterRegistry(adapters_dir)
+    try:
+        info = registry.get(sft)
+        registry.check_base(info, generator)
+    except AdapterError as exc:
+        raise ConfigError(f"cannot preference-tune SFT adapter {sft!r}: {exc}") from exc
+    return info
+
+
+def _hyperparameters(settings: DocentSettings) -> dict[str, Any]:
+    return {k: v for k, v in settings.model_dump().items() if k.startswith(("dpo_", "train_"))}
+
+
+def _make_trainer(
+    settings: DocentSettings,
+    parent: AdapterInfo,
+    pairs: list[dict[str, Any]],
+    run_dir: Path,
+    cuda: bool,
+    bf16: bool,
+    callbacks: list[Any],
+) -> tuple[Any, Any]:
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    base_path = generator_path(settings.generator, settings.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = [
+        {
+            "prompt": chat_prompt(tokenizer, p["prompt"]),
+            "chosen": p["chosen"],
+            "rejected": p["rejected"],
+        }
+        for p in pairs
+    ]
+    model = PeftModel.from_pretrained(
+        _load_base(base_path, settings, cuda, bf16), str(parent.path), is_trainable=True
+    )
+    sft_weight = settings.dpo_sft_weight
+    config = DPOConfig(
+        output_dir=str(run_dir),
+        num_train_epochs=settings.dpo_epochs,
+        max_steps=settings.train_max_steps or -1,
+        learning_rate=settings.dpo_lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=_warmup_steps(settings, len(rows)),
+        per_device_train_batch_size=settings.train_batch_size,
+        gradient_accumulation_steps=settings.train_grad_accum,
+        max_length=settings.train_max_length,
+        beta=settings.dpo_beta,
+        # RPO (Pang et al. 2024): a likelihood term on the chosen answer keeps DPO from
+        # lowering both answers' probability together.
+        loss_type=["sigmoid", "sft"] if sft_weight > 0 else ["sigmoid"],
+        loss_weights=[1.0, sft_weight] if sft_weight > 0 else None,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=settings.train_eval_steps,
+        save_total_limit=2,
+        bf16=bf16,
+        use_cpu=not cuda,
+        seed=settings.seed,
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    return trainer, tokenizer
+
+
+def _warmup_steps(settings: DocentSettings, pairs: int) -> int:
+    """5% of the steps, rounded down (see ``raft.train._warmup_steps``: a rounded-up ratio
+    spends a short run's first step at learning rate 0)."""
+    per_epoch = math.ceil(pairs / (settings.train_batch_size * settings.train_grad_accum))
+    total = settings.train_max_steps or math.ceil(per_epoch * settings.dpo_epochs)
+    return int(0.05 * total)
+
+
+def _restore_checkpoint(model: Any, run_dir: Path) -> str | None:
+    """The last checkpoint of an interrupted run, with its "default" adapter loaded now.
+    A checkpoint holds two adapters ("default" at the top, "ref" in ref/), and transformers'
+    resume then reloads only the sub-folder ones: "default" would restart from the SFT
+    weights while the step count and optimizer state moved on."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoint = get_last_checkpoint(str(run_dir))
+    if checkpoint is None:
+        return None
+    weights = load_file(str(Path(checkpoint) / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, weights, adapter_name="default")
+    return str(checkpoint)
+
+
+def _result(
+    name: str,
+    final: Path,
+    parent: AdapterInfo,
+    trainer: Any,
+    history: list[dict[str, Any]],
+    seconds: float,
+    checkpoint: str | None,
+) -> TrainResult:
+    losses = [h["loss"] for h in history if "loss" in h]
+    # DPOTrainer logs its running token count (prompt, chosen and rejected) as num_tokens.
+    tokens = float(max((h.get("num_tokens", 0) for h in history), default=0))
+    return TrainResult(
+        name=name,
+        path=str(final),
+        dataset=str(parent.metadata.get("dataset", "")),
+        steps=int(trainer.state.global_step),
+        train_loss_first=losses[0] if losses else None,
+        train_loss_last=losses[-1] if losses else None,
+        best_eval_loss=None,
+        seconds=round(seconds, 1),
+        tokens_per_s=round(tokens / seconds, 1) if seconds > 0 and tokens else 0.0,
+        resumed_from=checkpoint,
+        log_history=history,
+    )
+
+
+def _metadata(
+    settings: DocentSettings,
+    parent: AdapterInfo,
+    result: TrainResult,
+    history: list[dict[str, Any]],
+    pairs: list[dict[str, Any]],
+    pairs_hash: str,
+    hyper: dict[str, Any],
+    cuda: bool,
+    bf16: bool,
+) -> dict[str, Any]:
+    by_origin: dict[str, int] = {}
+    for pair in pairs:
+        by_origin[pair["origin"]] = by_origin.get(pair["origin"], 0) + 1
+    return {
+        "name": result.name,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "base_model": generator_id(settings.generator),
+        "base_path": generator_path(settings.generator, settings.cache_dir),
+        "method": "dpo",
+        "parent": parent.name,
+        "dataset": parent.metadata.get("dataset"),
+        "dataset_hash": parent.metadata.get("dataset_hash"),
+        "pairs": {
+            "count": len(pairs),
+            "by_origin": by_origin,
+            "file": PAIRS_FILE,
+            "sha256": pairs_hash,
+        },
+        "hyperparameters": hyper,
+        "device": "cuda" if cuda else "cpu",
+        "dtype": ("bfloat16" if cuda else "float32 + bf16 autocast") if bf16 else "float32",
+        "hardware": describe(),
+        "result": {k: v for k, v in asdict(result).items() if k != "log_history"},
+        "loss_curve": [{k: h[k] for k in CURVE_KEYS if k in h} for h in history if "loss" in h],
+        "eval": None,
+    }
+
+
+def _write_report(folder: Path, meta: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = meta["loss_curve"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, color in (
+        ("rewards/margins", "#1f77b4"),
+        ("rewards/accuracies", "#2ca02c"),
+        ("loss", "#d62728"),
+    ):
+        points = [(h["step"], h[key]) for h in curve if key in h]
+        if points:
+            ax.plot(*zip(*points, strict=True), "o-", label=key, color=color)
+    ax.set_xlabel("step")
+    ax.set_title(f"{meta['name']} (DPO from {meta['parent']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "rewards.png", dpi=110)
+    plt.close(fig)
+    r, hp, pairs = meta["result"], meta["hyperparameters"], meta["pairs"]
+    origins = ", ".join(f"{k} {v}" for k, v in sorted(pairs["by_origin"].items()))
+    lines = [
+        f"# Preference tuning report: {meta['name']}",
+        "",
+        f"- base model: `{meta['base_model']}` ({meta['device']}, {meta['dtype']}) on "
+        f"{summary(meta['hardware'])}",
+        f"- reference and start: SFT adapter `{meta['parent']}` (dataset `{meta['dataset']}`)",
+        f"- pairs: {pairs['count']} ({origins}), sha256 `{pairs['sha256'][:12]}`",
+        f"- steps: {r['steps']}, wall time {r['seconds']} s",
+        f"- loss: {_cell(r['train_loss_first'])} → {_cell(r['train_loss_last'])}",
+        f"- beta={hp['dpo_beta']}, lr={hp['dpo_lr']}, sft weight={hp['dpo_sft_weight']}, "
+        f"batch={hp['train_batch_size']}x{hp['train_grad_accum']}",
+        "",
+        "![rewards](rewards.png)",
+        "",
+        "| step | loss | reward accuracy | reward margin |",
+        "|---:|---:|---:|---:|",
+    ]
+    for h in curve:
+        cells = [_cell(h.get(k)) for k in ("loss", "rewards/accuracies", "rewards/margins")]
+        lines.append(f"| {h['step']} | {' | '.join(cells)} |")
+    (folder / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"
