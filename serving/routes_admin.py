@@ -1,4 +1,5 @@
-"""Operator endpoints (admin scope): refresh the index, regenerate the RAFT set, watch jobs."""
+"""Operator endpoints (admin scope): refresh the index, regenerate the RAFT set, watch jobs,
+roll the promoted adapter back."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from starlette.datastructures import UploadFile
 
 from docent.workspace import Workspace
 from ingest.readers import is_supported
+from raft.adapters import AdapterError
 from serving.auth import Principal, require_admin, require_full_admin
 from serving.schemas import JobOut, RefreshBody, RegenerateBody
 from serving.state import ServingState
@@ -148,3 +150,18 @@ async def job(job_id: str, request: Request) -> Any:
 @router.get("/jobs", dependencies=[Depends(require_full_admin)])
 async def jobs(request: Request, limit: int = 50) -> dict[str, Any]:
     return {"jobs": [j.as_dict() for j in state_of(request).jobs.list(max(1, min(limit, 500)))]}
+
+
+@router.post("/adapters/rollback", dependencies=[Depends(require_full_admin)])
+async def rollback_adapter(request: Request) -> dict[str, Any]:
+    """Promote the adapter promoted before the current one (``promoted: null``: the base
+    model) and serve it. ``serving`` is what default requests are answered with now: where
+    vLLM runs adapters merged, the new weights load in the background (``switching``) and the
+    old ones answer until then. 409 when there is nothing to roll back to."""
+    state = state_of(request)
+    try:
+        info = await asyncio.to_thread(state.adapters.registry.rollback)
+    except AdapterError as exc:
+        raise HTTPException(409, str(exc)) from exc
+    live = await asyncio.to_thread(state.follow_promoted)
+    return {"promoted": info.name if info else None, "serving": live.as_dict()}

@@ -6,20 +6,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from docent.engine import Engine
+from docent.engine import Engine, build_engine
+from docent.engine.factory import resolve_engine_kind
+from docent.engine.routed import RoutedEngine
 from docent.errors import DocentError, EmptyIndexError
 from docent.progress import Progress
 from docent.settings import DocentSettings
 from docent.workspace import Workspace
 from ingest.embedder import Embedder
 from ingest.store import current_version
-from raft.merge import serving_engine
+from raft.adapters import AdapterInfo
+from raft.merge import merged_weights, serving_engine
 from retrieval import Retriever
-from serving.adapters import AdapterCatalog
+from serving.adapters import BASE, PROMOTED, AdapterCatalog
 from serving.jobs import JobManager
 from serving.metrics import Metrics
 from serving.rag import RagService
@@ -27,6 +31,29 @@ from serving.store import ServingStore
 
 log = logging.getLogger(__name__)
 INDEX_POLL_S = 2.0  # how often the server looks for an index published by `docent ingest`
+ADAPTER_POLL_S = 3.0  # how often it looks for a newly promoted (or rolled back) adapter
+SWITCH_RETRY_S = 300.0  # the poll retries a failed switch to the same adapter after this
+
+
+@dataclass(frozen=True)
+class LiveAdapter:
+    """The adapter default requests are answered with (None: the base model) and since when
+    (``time.time()``). On a RoutedEngine it is the one its fast engine holds: ``switching``
+    while a newly promoted one is loaded (its requests go to the slower engine meanwhile);
+    ``error`` says why the last switch failed."""
+
+    adapter: str | None
+    since: float = field(default_factory=time.time)
+    switching: bool = False
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter,
+            "since": self.since,
+            "switching": self.switching,
+            "error": self.error,
+        }
 
 
 @dataclass
@@ -42,6 +69,10 @@ class ServingState:
     owns_engine: bool = True
     started_in: Path = field(default_factory=Path.cwd)  # the default refresh root
     reload_lock: threading.Lock = field(default_factory=threading.Lock)
+    live: LiveAdapter = field(default_factory=lambda: LiveAdapter(None))
+    follow_lock: threading.Lock = field(default_factory=threading.Lock)
+    _switch: threading.Thread | None = field(default=None, init=False, repr=False)
+    _failed: tuple[str, float] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def build(
@@ -72,6 +103,7 @@ class ServingState:
             adapters=adapters,
             rag=rag,
             owns_engine=owns_engine,
+            live=LiveAdapter(_served_default(engine, adapters)),
         )
 
     # The index -----------------------------------------------------------------------------
@@ -102,6 +134,102 @@ class ServingState:
                 await asyncio.to_thread(self.sync_index)
             except DocentError as exc:
                 log.warning("index reload failed, still on the old version: %s", exc)
+
+    # The promoted adapter ------------------------------------------------------------------
+    def follow_promoted(self, wait: bool = False, retry_failed: bool = True) -> LiveAdapter:
+        """Serve the adapter promoted now (by `docent adapters promote`, `docent train
+        --promote`, the loop or a rollback) and say what is live. The catalog resolves the
+        adapter per request, so most engines only need it recorded. A RoutedEngine (vLLM on a
+        CPU, adapters merged) gets a vLLM engine over the new weights, built in a background
+        thread while the old one answers, then swapped in; ``wait`` waits for that."""
+        engine = self.engine
+        if not (isinstance(engine, RoutedEngine) and self.settings.serve_adapter == PROMOTED):
+            self._set_live(self.adapters.default_name())
+            return self.live
+        info = self.adapters.registry.promoted()
+        wanted = info.name if info else None
+        with self.follow_lock:
+            switch = self._switch
+            busy = switch is not None and switch.is_alive()
+            if (
+                not busy
+                and wanted != engine.primary_adapter
+                and (retry_failed or not self._failed_recently(wanted))
+            ):
+                switch = self._switch = threading.Thread(
+                    target=self._switch_primary,
+                    args=(engine, info),
+                    daemon=True,
+                    name="docent-adapter-switch",
+                )
+                self.live = replace(self.live, switching=True)
+                switch.start()
+        if not busy and wanted == engine.primary_adapter:
+            self._set_live(wanted)  # clears the error of a switch rolled back since
+        if wait and switch is not None:
+            switch.join()
+        return self.live
+
+    async def watch_adapters(self) -> None:
+        last_error = None
+        while True:
+            await asyncio.sleep(ADAPTER_POLL_S)
+            try:
+                await asyncio.to_thread(self.follow_promoted, retry_failed=False)
+                last_error = None
+            except (DocentError, OSError, ValueError) as exc:
+                if str(exc) != last_error:  # once, not every few seconds
+                    log.warning("cannot follow the promoted adapter: %s", exc)
+                last_error = str(exc)
+
+    def _switch_primary(self, engine: RoutedEngine, info: AdapterInfo | None) -> None:
+        name = info.name if info else None
+        log.info(
+            "serving %s: building a vLLM engine over its weights; %s answers meanwhile",
+            name or "the base model",
+            engine.primary_adapter or "the base model",
+        )
+        try:
+            if info is not None:
+                self.adapters.registry.check_base(info, self.settings.generator)
+            path = str(merged_weights(info, self.settings)) if info else None
+            kind = resolve_engine_kind(self.settings)
+            primary = build_engine(self.settings, kind, serving=True, model_path=path, lora=False)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the old engine keeps serving
+            with self.follow_lock:
+                self._failed = (name or BASE, time.monotonic())
+                self.live = replace(self.live, switching=False, error=str(exc))
+            log.warning(
+                "could not switch the fast engine to %s, it still answers with %s (requests for "
+                "%s go to the slower transformers engine): %s. Fix the cause; the switch is "
+                "retried in %.0f s, or roll back (POST /v1/adapters/rollback)",
+                name or "the base model",
+                engine.primary_adapter or "the base model",
+                name or "the base model",
+                exc,
+                SWITCH_RETRY_S,
+                exc_info=not isinstance(exc, DocentError),
+            )
+            return
+        self._set_live(name)  # first: the swap returns only once the old engine is drained
+        engine.swap_primary(primary, name)
+
+    def _failed_recently(self, wanted: str | None) -> bool:
+        failed = self._failed
+        return (
+            failed is not None
+            and failed[0] == (wanted or BASE)
+            and (time.monotonic() - failed[1] < SWITCH_RETRY_S)
+        )
+
+    def _set_live(self, name: str | None) -> None:
+        with self.follow_lock:
+            if name == self.live.adapter:
+                self.live = replace(self.live, switching=False, error=None)
+                return
+            self._failed = None
+            self.live = LiveAdapter(name)
+        log.info("now serving %s", f"adapter {name}" if name else "the base model")
 
     # Jobs ----------------------------------------------------------------------------------
     def refresh_job(self, paths: list[Path], collection: str, rebuild: bool) -> Any:
@@ -169,6 +297,15 @@ class ServingState:
         self.store.close()
         if self.owns_engine:
             self.engine.close()
+
+
+def _served_default(engine: Engine, adapters: AdapterCatalog) -> str | None:
+    if isinstance(engine, RoutedEngine):
+        return engine.primary_adapter
+    try:
+        return adapters.default_name()
+    except DocentError:
+        return None
 
 
 def _open_retriever(settings: DocentSettings, embedder: Embedder) -> Retriever | None:
