@@ -33,7 +33,14 @@ from docent.settings import DocentSettings
 from docent.workspace import Workspace
 from raft.adapters import METADATA, AdapterError, AdapterInfo, AdapterRegistry
 from raft.preferences import check_pair, load_pairs, write_pairs
-from raft.train import RUNS, TrainResult, _device_plan, _load_base, _progress_callback
+from raft.train import (
+    RUNS,
+    TrainResult,
+    _device_plan,
+    _load_base,
+    _progress_callback,
+    last_complete_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 # Apart from SFT's TRAINING.json: an interrupted SFT run and an interrupted DPO run each
@@ -246,9 +253,7 @@ def _restore_checkpoint(model: Any, run_dir: Path) -> str | None:
     weights while the step count and optimizer state moved on."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    from transformers.trainer_utils import get_last_checkpoint
-
-    checkpoint = get_last_checkpoint(str(run_dir))
+    checkpoint = last_complete_checkpoint(run_dir)
     if checkpoint is None:
         return None
     weights = load_file(str(Path(checkpoint) / "adapter_model.safetensors"))

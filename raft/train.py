@@ -130,7 +130,6 @@ def train_adapter(
     callbacks: list[Any] | None = None,
 ) -> TrainResult:
     from transformers import AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
 
     ws = Workspace(settings.workspace).ensure()
     adapters_dir = ws.adapters_dir
@@ -177,7 +176,7 @@ def train_adapter(
         settings, model, tokenizer, train_rows, val_rows, run_dir,
         cuda=cuda, bf16=bf16, callbacks=[_progress_callback(progress), *(callbacks or [])],
     )
-    checkpoint = get_last_checkpoint(str(run_dir)) if resume else None
+    checkpoint = last_complete_checkpoint(run_dir) if resume else None
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - started
@@ -241,6 +240,24 @@ def train_adapter(
     shutil.rmtree(run_dir, ignore_errors=True)
     AdapterRegistry(adapters_dir)  # the folder is the registration; promotion is explicit
     return result
+
+
+def last_complete_checkpoint(run_dir: Path) -> str | None:
+    """The newest checkpoint a resume can load. A process killed while writing one leaves a
+    folder without ``trainer_state.json`` (transformers writes it last), which
+    ``get_last_checkpoint`` would still pick and the resume would then fail on: such folders
+    are removed, and the one before is used."""
+    found = sorted(
+        (p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+        key=lambda p: int(p.name[11:]),
+        reverse=True,
+    )
+    for folder in found:
+        if (folder / "trainer_state.json").exists():
+            return str(folder)
+        log.warning("removing %s: it was cut off while being written", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    return None
 
 
 def make_trainer(

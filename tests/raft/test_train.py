@@ -263,3 +263,16 @@ def test_training_mixes_in_rehearsal_and_caches_it(tiny_set):
     # A second run takes the cached pairs: nothing new is written.
     train_adapter(settings, dataset="tiny", name="rehearsed-again")
     assert cache.read_text().splitlines() == [json.dumps(r) for r in rows]
+
+
+def test_a_checkpoint_cut_off_while_written_is_not_resumed_from(tmp_path):
+    from raft.train import last_complete_checkpoint
+
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"x")
+    for step in (2, 4):  # checkpoint-6 was being written when the process was killed
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert not (tmp_path / "checkpoint-6").exists()
+    assert last_complete_checkpoint(tmp_path / "none") is None
