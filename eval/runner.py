@@ -235,12 +235,7 @@ def run_eval(
     ]
     embedder = embedder or Embedder.from_settings(settings)
     retriever = Retriever(settings, embedder=embedder)
-    kind = engine.kind if engine is not None else resolve_engine_kind(settings)
-    dtype = auto_dtype() if settings.dtype == "auto" else settings.dtype
-    cache = AnswerCache(
-        Workspace(settings.workspace).eval_dir / "answers.sqlite",
-        {"generator": settings.generator, "engine": kind, "dtype": dtype},
-    )
+    kind, dtype, cache = _answer_cache(settings, engine)
     try:
         hits = {q.id: retriever.search(q.question, k=max(k, 10)) for q in questions}
         progress("retrieve", len(questions), len(questions))
@@ -306,12 +301,7 @@ def run_probe(
     answer cache, so the base model's are asked once and a re-run after a crash resumes."""
     info = _adapter(settings, adapter, ("raft",)) if adapter else None
     variant = _Variant("raft" if info else "base", [], info)
-    kind = engine.kind if engine is not None else resolve_engine_kind(settings)
-    dtype = auto_dtype() if settings.dtype == "auto" else settings.dtype
-    cache = AnswerCache(
-        Workspace(settings.workspace).eval_dir / "answers.sqlite",
-        {"generator": settings.generator, "engine": kind, "dtype": dtype},
-    )
+    kind, dtype, cache = _answer_cache(settings, engine)
     try:
         with _engine(settings, variant, engine) as (live, request_adapter):
             scores = _forgetting(_Answerer(live, request_adapter, variant, cache, False),
@@ -320,6 +310,19 @@ def run_probe(
         cache.close()
     progress(f"probe ({variant.label})", len(scores), len(scores))
     return scores
+
+
+def _answer_cache(
+    settings: DocentSettings, engine: Engine | None
+) -> tuple[str, str, AnswerCache]:
+    """The engine kind and dtype answers will come from, and the cache keyed by them."""
+    kind = engine.kind if engine is not None else resolve_engine_kind(settings)
+    dtype = auto_dtype() if settings.dtype == "auto" else settings.dtype
+    cache = AnswerCache(
+        Workspace(settings.workspace).eval_dir / "answers.sqlite",
+        {"generator": settings.generator, "engine": kind, "dtype": dtype},
+    )
+    return kind, dtype, cache
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -40,6 +39,7 @@ from raft.train import (
     _load_base,
     _progress_callback,
     last_complete_checkpoint,
+    trainer_arguments,
 )
 
 log = logging.getLogger(__name__)
@@ -202,30 +202,13 @@ def _make_trainer(
     )
     sft_weight = settings.dpo_sft_weight
     config = DPOConfig(
-        output_dir=str(run_dir),
-        num_train_epochs=settings.dpo_epochs,
-        max_steps=settings.train_max_steps or -1,
-        learning_rate=settings.dpo_lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=_warmup_steps(settings, len(rows)),
-        per_device_train_batch_size=settings.train_batch_size,
-        gradient_accumulation_steps=settings.train_grad_accum,
-        max_length=settings.train_max_length,
+        **trainer_arguments(settings, run_dir, settings.dpo_epochs, settings.dpo_lr, len(rows),
+                            cuda=cuda, bf16=bf16),
         beta=settings.dpo_beta,
         # RPO (Pang et al. 2024): a likelihood term on the chosen answer keeps DPO from
         # lowering both answers' probability together.
         loss_type=["sigmoid", "sft"] if sft_weight > 0 else ["sigmoid"],
         loss_weights=[1.0, sft_weight] if sft_weight > 0 else None,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=settings.train_eval_steps,
-        save_total_limit=2,
-        bf16=bf16,
-        use_cpu=not cuda,
-        seed=settings.seed,
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
     trainer = DPOTrainer(
         model=model,
@@ -236,14 +219,6 @@ def _make_trainer(
         callbacks=callbacks,
     )
     return trainer, tokenizer
-
-
-def _warmup_steps(settings: DocentSettings, pairs: int) -> int:
-    """5% of the steps, rounded down (see ``raft.train._warmup_steps``: a rounded-up ratio
-    spends a short run's first step at learning rate 0)."""
-    per_epoch = math.ceil(pairs / (settings.train_batch_size * settings.train_grad_accum))
-    total = settings.train_max_steps or math.ceil(per_epoch * settings.dpo_epochs)
-    return int(0.05 * total)
 
 
 def _restore_checkpoint(model: Any, run_dir: Path) -> str | None:

@@ -293,16 +293,9 @@ def make_trainer(
     has_val = bool(val_rows)
     pack = cuda if settings.train_packing is None else settings.train_packing
     config = SFTConfig(
-        output_dir=str(run_dir),
-        num_train_epochs=settings.train_epochs,
-        max_steps=settings.train_max_steps or -1,
-        learning_rate=settings.train_lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=_warmup_steps(settings, len(train_rows)),
-        per_device_train_batch_size=settings.train_batch_size,
+        **trainer_arguments(settings, run_dir, settings.train_epochs, settings.train_lr,
+                            len(train_rows), cuda=cuda, bf16=bf16),
         per_device_eval_batch_size=settings.train_batch_size,
-        gradient_accumulation_steps=settings.train_grad_accum,
-        max_length=settings.train_max_length,
         # GPU: best-fit-decreasing packing into max_length rows, padding-free (varlen kernels
         # make that the fastest). CPU: a packed row needs an explicit block mask, which made a
         # forward+backward pass 1.5x slower than a padded batch, so batches are grouped by
@@ -312,21 +305,11 @@ def make_trainer(
         padding_free=pack,
         train_sampling_strategy="random" if pack else "group_by_length",
         completion_only_loss=True,
-        logging_steps=1,
         eval_strategy="steps" if has_val else "no",
         eval_steps=settings.train_eval_steps,
-        save_strategy="steps",
-        save_steps=settings.train_eval_steps,
-        save_total_limit=2,
         load_best_model_at_end=has_val,
         metric_for_best_model="eval_loss" if has_val else None,
         greater_is_better=False,
-        bf16=bf16,
-        use_cpu=not cuda,
-        seed=settings.seed,
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
     )
     all_callbacks = list(callbacks or [])
@@ -343,11 +326,46 @@ def make_trainer(
     )
 
 
-def _warmup_steps(settings: DocentSettings, examples: int) -> int:
+def trainer_arguments(
+    settings: DocentSettings,
+    run_dir: Path,
+    epochs: float,
+    lr: float,
+    examples: int,
+    *,
+    cuda: bool,
+    bf16: bool,
+) -> dict[str, Any]:
+    """What SFT and DPO training share: schedule, batch, checkpoints every
+    ``train_eval_steps`` (what a resume starts from), precision and device."""
+    return {
+        "output_dir": str(run_dir),
+        "num_train_epochs": epochs,
+        "max_steps": settings.train_max_steps or -1,
+        "learning_rate": lr,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": _warmup_steps(settings, examples, epochs),
+        "per_device_train_batch_size": settings.train_batch_size,
+        "gradient_accumulation_steps": settings.train_grad_accum,
+        "max_length": settings.train_max_length,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": settings.train_eval_steps,
+        "save_total_limit": 2,
+        "bf16": bf16,
+        "use_cpu": not cuda,
+        "seed": settings.seed,
+        "report_to": [],
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+
+
+def _warmup_steps(settings: DocentSettings, examples: int, epochs: float | None = None) -> int:
     """5% of the steps, rounded down. transformers rounds a warm-up *ratio* up, so a 4-step
     run spent its first step at learning rate 0, and a 1-step run never changed the adapter."""
     per_epoch = math.ceil(examples / (settings.train_batch_size * settings.train_grad_accum))
-    total = settings.train_max_steps or math.ceil(per_epoch * settings.train_epochs)
+    total = settings.train_max_steps or math.ceil(per_epoch * (epochs or settings.train_epochs))
     return int(0.05 * total)
 
 

@@ -76,6 +76,22 @@ ORBIT_FACTS = {
 }
 
 
+# Human questions about them: (question, answer, source, evidence sentence).
+ORBIT_QA = [
+    ("When does the Orbit help desk open?", "08:30", "desk.md",
+     "The Orbit help desk opens at 08:30 on weekdays."),
+    ("How much is an Orbit lab badge?", "12 EUR per year", "lab.md",
+     "The Orbit lab badge costs 12 EUR per year."),
+    ("How often are Orbit fleet cars serviced?", "every 15000 km", "fleet.md",
+     "Orbit fleet cars are serviced every 15000 km."),
+    ("When does the Orbit canteen serve lunch?", "from 11:45", "canteen.md",
+     "The Orbit canteen serves lunch from 11:45."),
+    ("How fast are Orbit tickets answered?", "within 3 working days", "desk.md",
+     "Tickets are answered within 3 working days."),
+    ("How much does an Orbit canteen meal cost?", "6 EUR", "canteen.md", "A meal costs 6 EUR."),
+]
+
+
 def write_corpus(folder: Path, files: dict[str, str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
@@ -215,13 +231,18 @@ class LiveServer:
 
     def wait_job(self, job_id: str, timeout: float = 600) -> dict:
         with self.admin() as c:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                job = c.get(f"/v1/jobs/{job_id}").json()
-                if job["state"] in ("succeeded", "failed"):
-                    return job
-                time.sleep(0.2)
-        raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+            return wait_for_job(c, job_id, timeout)
+
+
+def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 600) -> dict:
+    """Poll ``GET /v1/jobs/{id}`` (with an admin client) until the job ends."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
 
 
 @pytest.fixture(scope="session")

@@ -22,42 +22,30 @@ from conftest import (
     ADMIN_KEY,
     NO_MODEL_RECIPE,
     ORBIT_FACTS,
+    ORBIT_QA,
     ROOT,
     USER_KEY,
     free_port,
     serve_in_thread,
+    wait_for_job,
     write_corpus,
+    write_qa,
 )
 
 pytestmark = pytest.mark.slow
 
-QA = [  # (question, answer, source, evidence, split)
-    ("When does the Orbit help desk open?", "08:30", "desk.md",
-     "The Orbit help desk opens at 08:30 on weekdays.", "train"),
-    ("How much is an Orbit lab badge?", "12 EUR per year", "lab.md",
-     "The Orbit lab badge costs 12 EUR per year.", "train"),
-    ("How often are Orbit fleet cars serviced?", "every 15000 km", "fleet.md",
-     "Orbit fleet cars are serviced every 15000 km.", "train"),
-    ("How much does an Orbit canteen meal cost?", "6 EUR", "canteen.md", "A meal costs 6 EUR.",
-     "train"),
-    ("When does the Orbit canteen serve lunch?", "from 11:45", "canteen.md",
-     "The Orbit canteen serves lunch from 11:45.", "train"),
-    ("How fast are Orbit tickets answered?", "within 3 working days", "desk.md",
-     "Tickets are answered within 3 working days.", "train"),
-]
+ROUND_TIMEOUT_S = 900  # a round takes about a minute and a half on 2 cores
 UNANSWERABLE = ["Who founded the Orbit company?"]
 NEW_DOC = {"garage.md": "# Garage\n\nThe Orbit garage closes at 19:00. Parking costs 2 EUR."}
 
 
 def write_loop_qa(path: Path) -> Path:
-    rows = [
-        {"id": f"q{i}", "question": q, "answer": a, "source": s, "evidence": e, "split": split,
-         "answerable": True}
-        for i, (q, a, s, e, split) in enumerate(QA)
-    ]
-    rows += [{"id": f"u{i}", "question": q, "answer": "", "answerable": False}
-             for i, q in enumerate(UNANSWERABLE)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    """The Orbit train questions, and one the documents do not answer."""
+    write_qa(path, ORBIT_QA)
+    with path.open("a") as out:
+        for i, question in enumerate(UNANSWERABLE):
+            out.write(json.dumps({"id": f"u{i}", "question": question, "answer": "",
+                                  "answerable": False}) + "\n")
     return path
 
 
@@ -106,16 +94,6 @@ def _client(url: str, key: str = ADMIN_KEY) -> httpx.Client:
     return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
 
 
-def _wait(client: httpx.Client, job_id: str, timeout: float = 900) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["state"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.5)
-    raise AssertionError(f"loop job {job_id} did not finish in {timeout} s")
-
-
 def _ask(url: str, question: str) -> dict:
     with _client(url, USER_KEY) as c:
         reply = c.post("/v1/ask", json={"question": question, "max_tokens": 32})
@@ -141,7 +119,7 @@ def test_two_rounds_over_http_lineage_gating_and_the_live_switch(loop_server):
         assert started.status_code == 202, started.text
         second = admin.post("/v1/loop", json={"paths": [str(corpus)]})
         assert second.status_code == 409 and "already running" in second.json()["detail"]
-        job = _wait(admin, started.json()["id"])
+        job = wait_for_job(admin, started.json()["id"], ROUND_TIMEOUT_S)
         assert job["state"] == "succeeded", job["error"]
         assert job["progress"]["loop"] == {"done": 9, "total": 9}
         first = job["result"]
@@ -178,9 +156,9 @@ def test_two_rounds_over_http_lineage_gating_and_the_live_switch(loop_server):
             rated = user.post("/v1/feedback", json={
                 "answer_id": answer["id"], "rating": -1, "correction": "08:30"})
         assert rated.status_code == 200
-        job = _wait(admin, admin.post("/v1/loop", json={
+        job = wait_for_job(admin, admin.post("/v1/loop", json={
             "paths": [str(corpus)], "dpo": False, "train": {"lr": 1.0, "max_steps": 2}
-        }).json()["id"])
+        }).json()["id"], ROUND_TIMEOUT_S)
         assert job["state"] == "succeeded", job["error"]
         second_round = job["result"]
         assert second_round["id"] == "r0002"
@@ -200,7 +178,8 @@ def test_two_rounds_over_http_lineage_gating_and_the_live_switch(loop_server):
         assert _ask(url, "When does the Orbit help desk open?")["adapter"] == live
 
         # Nothing new: the round stops after the refresh, without training.
-        job = _wait(admin, admin.post("/v1/loop", json={"paths": [str(corpus)]}).json()["id"])
+        again = admin.post("/v1/loop", json={"paths": [str(corpus)]})
+        job = wait_for_job(admin, again.json()["id"], ROUND_TIMEOUT_S)
         unchanged = job["result"]
         assert unchanged["state"] == "unchanged"
         assert unchanged["stages"]["sft"]["state"] == "skipped"

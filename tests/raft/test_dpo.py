@@ -38,29 +38,9 @@ from raft.preferences import (
 from raft.train import train_adapter
 from serving.store import ServingStore
 
-from conftest import NO_MODEL_RECIPE, ORBIT_FACTS, write_corpus, write_qa
+from conftest import NO_MODEL_RECIPE, ORBIT_FACTS, ORBIT_QA, write_corpus, write_qa
 
-QA = [
-    (
-        "When does the Orbit help desk open?",
-        "08:30",
-        "desk.md",
-        "The Orbit help desk opens at 08:30 on weekdays.",
-    ),
-    (
-        "How much is an Orbit lab badge?",
-        "12 EUR per year",
-        "lab.md",
-        "The Orbit lab badge costs 12 EUR per year.",
-    ),
-    (
-        "How often are Orbit fleet cars serviced?",
-        "every 15000 km",
-        "fleet.md",
-        "Orbit fleet cars are serviced every 15000 km.",
-    ),
-    ("How much does an Orbit canteen meal cost?", "6 EUR", "canteen.md", "A meal costs 6 EUR."),
-]
+QA = [ORBIT_QA[i] for i in (0, 1, 2, 5)]
 DESK = "The Orbit help desk opens at 08:30 on weekdays."
 
 

@@ -18,42 +18,17 @@ from raft.build import build_raft_set
 from raft.rehearsal import rehearsal_count
 from raft.train import TRAINING, train_adapter
 
-from conftest import NO_MODEL_RECIPE, ORBIT_FACTS, run_script, write_corpus, write_qa
+from conftest import (
+    NO_MODEL_RECIPE,
+    ORBIT_FACTS,
+    ORBIT_QA,
+    run_script,
+    write_corpus,
+    write_qa,
+)
 
 FACTS = ORBIT_FACTS
-QA = [
-    (
-        "When does the Orbit help desk open?",
-        "08:30",
-        "desk.md",
-        "The Orbit help desk opens at 08:30 on weekdays.",
-    ),
-    (
-        "How much is an Orbit lab badge?",
-        "12 EUR per year",
-        "lab.md",
-        "The Orbit lab badge costs 12 EUR per year.",
-    ),
-    (
-        "How often are Orbit fleet cars serviced?",
-        "every 15000 km",
-        "fleet.md",
-        "Orbit fleet cars are serviced every 15000 km.",
-    ),
-    (
-        "When does the Orbit canteen serve lunch?",
-        "from 11:45",
-        "canteen.md",
-        "The Orbit canteen serves lunch from 11:45.",
-    ),
-    (
-        "How fast are Orbit tickets answered?",
-        "within 3 working days",
-        "desk.md",
-        "Tickets are answered within 3 working days.",
-    ),
-    ("How much does an Orbit canteen meal cost?", "6 EUR", "canteen.md", "A meal costs 6 EUR."),
-]
+QA = ORBIT_QA
 
 
 @pytest.fixture(scope="module")
