@@ -180,7 +180,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     feedback: dict[str, int] = {}
     try:
-        request = LoopRequest(paths=[str(corpus)], qa_file=str(QA_FILE))
+        request = LoopRequest(paths=[str(corpus)], qa_file=str(QA_FILE), dpo=True)
         first = run_loop(settings, request, embedder=embedder)
         rows.append(round_row(first))
         print(table(rows), flush=True)
@@ -189,7 +189,8 @@ def main() -> None:
         print(f"simulated feedback: {feedback}", flush=True)
         for name in HELD_BACK:
             shutil.copy2(HANDBOOK / name, corpus / name)
-        second = run_loop(settings, LoopRequest(paths=[str(corpus)]), embedder=embedder)
+        second = run_loop(settings, LoopRequest(paths=[str(corpus)], dpo=True),
+                          embedder=embedder)
         rows.append(round_row(second))
     finally:
         if args.workspace is None:

@@ -8,8 +8,9 @@ One round, each stage recorded in ``<workspace>/loop/rNNNN/round.json`` (``docen
     sft        LoRA fine-tuning on it (``docent train``)
     score_sft  validation accuracy (retrieval + the adapter, as users are answered), the
                unanswerable questions it declines, and the forgetting probe
-    pairs      preference pairs: users' ratings and corrections, and the SFT adapter's own
-               wrong or ungrounded answers on the training split against the verified targets
+    pairs      (with ``dpo``) preference pairs: users' ratings and corrections, and the SFT
+               adapter's own wrong or ungrounded answers on the training split against the
+               verified targets
     dpo        preference tuning (TRL's DPOTrainer) on top of the SFT adapter, its reference
     score_dpo  the same scores for the DPO adapter
     gate       a candidate goes live only if it beats the live adapter and base+RAG by the

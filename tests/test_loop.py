@@ -114,7 +114,8 @@ def test_two_rounds_over_http_lineage_gating_and_the_live_switch(loop_server):
         # Round 1: index, RAFT set, SFT, DPO, scores. Two steps rarely beat base+RAG, so the
         # operator forces it live here, to see the server switch; round 2 is gated.
         started = admin.post(
-            "/v1/loop", json={"paths": [str(corpus)], "qa_file": str(qa), "force": True}
+            "/v1/loop",
+            json={"paths": [str(corpus)], "qa_file": str(qa), "force": True, "dpo": True},
         )
         assert started.status_code == 202, started.text
         second = admin.post("/v1/loop", json={"paths": [str(corpus)]})
