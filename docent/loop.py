@@ -637,11 +637,6 @@ def _export_corrections(ctx: _Context) -> Path | None:
     if store is None:
         return None
     try:
-        rows = store.corrections_as_qa()
+        return store.export_corrections(ctx.folder / "feedback.jsonl")  # type: ignore[no-any-return]
     finally:
         store.close()
-    if not rows:
-        return None
-    path = ctx.folder / "feedback.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
-    return path

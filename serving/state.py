@@ -278,17 +278,8 @@ class ServingState:
         return run
 
     def export_corrections(self) -> Path | None:
-        import json
-
-        rows = self.store.corrections_as_qa()
-        if not rows:
-            return None
         path = Workspace(self.settings.workspace).root / "feedback" / "corrections.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(path)
-        return path
+        return self.store.export_corrections(path)
 
     def close(self) -> None:
         self.jobs.shutdown()

@@ -263,6 +263,17 @@ class ServingStore:
             )
         return rows
 
+    def export_corrections(self, path: Path) -> Path | None:
+        """Write ``corrections_as_qa`` to ``path`` (JSONL, atomically); None when there are none."""
+        rows = self.corrections_as_qa()
+        if not rows:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
+        tmp.replace(path)
+        return path
+
     def close(self) -> None:
         with self.lock:
             self.conn.close()
