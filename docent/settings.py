@@ -16,6 +16,11 @@ IndexType = Literal["auto", "flat", "hnsw", "ivf"]
 SearchMode = Literal["hybrid", "dense", "bm25"]
 Fusion = Literal["rrf", "dbsf"]
 EngineKind = Literal["auto", "vllm", "hf", "openai"]
+# TRL DPOTrainer losses Docent offers: plain DPO, and APO-zero (D'Oosterlinck et al. 2024), made
+# for chosen answers better than the model's own (ours are verified targets): it raises the
+# chosen answer's likelihood and lowers the rejected one's separately instead of only their gap.
+DpoLoss = Literal["sigmoid", "apo_zero", "ipo"]
+AutoPairKind = Literal["wrong", "ungrounded", "refusal"]
 
 
 class DocentSettings(BaseSettings):
@@ -208,6 +213,16 @@ class DocentSettings(BaseSettings):
     dpo_epochs: float = Field(default=1.0, gt=0, description="Passes over the preference pairs.")
     dpo_max_pairs: int = Field(
         default=512, ge=1, le=100_000, description="Preference pairs used at most per run."
+    )
+    dpo_loss: DpoLoss = Field(
+        default="sigmoid", description="Preference loss: sigmoid (DPO), apo_zero or ipo."
+    )
+    dpo_auto_kinds: list[AutoPairKind] = Field(
+        default=["wrong", "ungrounded"],
+        description="Which of the tuned model's own mistakes become automatic pairs: wrong "
+        "answers, right but unquoted ones, answers to refusal examples (chosen: the decline). "
+        "Refusal pairs are off by default: on the handbook their six declines taught the model "
+        "to decline answerable questions (README, 'DPO ablation').",
     )
     dpo_sft_weight: float = Field(
         default=0.0,

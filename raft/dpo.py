@@ -207,7 +207,7 @@ def _make_trainer(
         beta=settings.dpo_beta,
         # RPO (Pang et al. 2024): a likelihood term on the chosen answer keeps DPO from
         # lowering both answers' probability together.
-        loss_type=["sigmoid", "sft"] if sft_weight > 0 else ["sigmoid"],
+        loss_type=[settings.dpo_loss, "sft"] if sft_weight > 0 else [settings.dpo_loss],
         loss_weights=[1.0, sft_weight] if sft_weight > 0 else None,
     )
     trainer = DPOTrainer(
@@ -336,7 +336,8 @@ def _write_report(folder: Path, meta: dict[str, Any]) -> None:
         f"- pairs: {pairs['count']} ({origins}), sha256 `{pairs['sha256'][:12]}`",
         f"- steps: {r['steps']}, wall time {r['seconds']} s",
         f"- loss: {_cell(r['train_loss_first'])} → {_cell(r['train_loss_last'])}",
-        f"- beta={hp['dpo_beta']}, lr={hp['dpo_lr']}, sft weight={hp['dpo_sft_weight']}, "
+        f"- beta={hp['dpo_beta']}, lr={hp['dpo_lr']}, loss={hp.get('dpo_loss', 'sigmoid')}, "
+        f"sft weight={hp['dpo_sft_weight']}, "
         f"batch={hp['train_batch_size']}x{hp['train_grad_accum']}",
         "",
         "![rewards](rewards.png)",

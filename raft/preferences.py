@@ -147,6 +147,8 @@ def auto_pairs(
         )
         if origin is None:
             skipped["correct"] += 1
+        elif origin.removeprefix("auto:") not in settings.dpo_auto_kinds:
+            skipped[f"{origin.removeprefix('auto:')}_not_used"] += 1
         elif squash(completion.text) == squash(target):
             skipped["output_is_target"] += 1
         elif len(pairs) >= settings.dpo_max_pairs:

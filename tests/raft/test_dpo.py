@@ -131,7 +131,8 @@ def test_auto_pairs_from_a_raft_set(orbit):
     assert "refusal" in kinds and "oracle" in kinds
 
     wrong = ScriptedEngine(lambda r: "The documents say 42.\n<ANSWER>: 42")
-    pairs, skipped = auto_pairs(orbit, _raft(orbit), wrong, "sft", max_tokens=64)
+    every_kind = orbit.with_overrides(dpo_auto_kinds=["wrong", "ungrounded", "refusal"])
+    pairs, skipped = auto_pairs(every_kind, _raft(orbit), wrong, "sft", max_tokens=64)
     assert not skipped and len(pairs) == len(records)
     assert [p["id"] for p in pairs] == [f"auto-{r['id']}" for r in records]  # file order
     for pair, record, request in zip(pairs, records, wrong.requests, strict=True):
@@ -144,6 +145,13 @@ def test_auto_pairs_from_a_raft_set(orbit):
         want = "auto:refusal" if record["meta"]["kind"] == "refusal" else "auto:wrong"
         assert pair["origin"] == want
 
+    # By default an answer to a refusal example makes no pair (it taught declining answerable
+    # questions on the handbook); the answerable ones still do.
+    pairs, skipped = auto_pairs(orbit, _raft(orbit), wrong, "sft", max_tokens=64)
+    assert skipped == {"refusal_not_used": kinds.count("refusal")}
+    assert {p["origin"] for p in pairs} == {"auto:wrong"}
+    assert len(pairs) == len(records) - kinds.count("refusal")
+
     right = ScriptedEngine(
         lambda r: next(
             x["messages"][-1]["content"] for x in records if x["messages"][:-1] == r.messages
@@ -152,7 +160,7 @@ def test_auto_pairs_from_a_raft_set(orbit):
     pairs, skipped = auto_pairs(orbit, _raft(orbit), right, None)
     assert pairs == [] and skipped == {"correct": len(records)}
 
-    capped = orbit.with_overrides(dpo_max_pairs=2)
+    capped = every_kind.with_overrides(dpo_max_pairs=2)
     pairs, skipped = auto_pairs(capped, _raft(orbit), wrong, None)
     assert len(pairs) == 2 and skipped["over_max_pairs"] == len(records) - 2
 
