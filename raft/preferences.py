@@ -4,9 +4,9 @@ Two sources. **Feedback** from the serving store: a thumbs-down with a correctio
 grounded answer with the correction over what the model said; a thumbs-up prefers the
 upvoted answer over a wrong one the tuned model gives to the same prompt. **Automatic**
 pairs: the tuned model answers its own training questions, and every output judged wrong,
-ungrounded (a quote the documents do not hold) or not declining where it should is paired
-against the verified target. The prompt of a pair is the message list the model answered
-from, so ``raft.dpo`` renders it exactly as SFT and serving do.
+ungrounded (a quote the documents do not hold) or, when ``dpo_auto_kinds`` asks for it, not
+declining where it should is paired against the verified target. The prompt of a pair is the
+message list the model answered from, so ``raft.dpo`` renders it exactly as SFT and serving do.
 
 A pair::
 
@@ -147,8 +147,8 @@ def auto_pairs(
         )
         if origin is None:
             skipped["correct"] += 1
-        elif origin.removeprefix("auto:") not in settings.dpo_auto_kinds:
-            skipped[f"{origin.removeprefix('auto:')}_not_used"] += 1
+        elif (kind := origin.removeprefix("auto:")) not in settings.dpo_auto_kinds:
+            skipped[f"{kind}_not_used"] += 1
         elif squash(completion.text) == squash(target):
             skipped["output_is_target"] += 1
         elif len(pairs) >= settings.dpo_max_pairs:
