@@ -76,7 +76,11 @@ class AdapterRegistry:
 
     def get(self, name: str) -> AdapterInfo:
         folder = self.dir / name
-        if not (folder / METADATA).exists():
+        # A name from a request is not trusted as a path: one that is not a single folder name
+        # (a separator, "..", longer than a file name may be) names no adapter, rather than
+        # reading outside the registry or failing in the OS.
+        single = bool(name) and Path(name).name == name and name not in (".", "..")
+        if not (single and len(name.encode()) <= 255 and (folder / METADATA).exists()):
             known = ", ".join(a.name for a in self.list()) or "none"
             raise AdapterError(f"no adapter named {name!r} (known: {known})")
         meta = json.loads((folder / METADATA).read_text())

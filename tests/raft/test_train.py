@@ -251,3 +251,13 @@ def test_a_checkpoint_cut_off_while_written_is_not_resumed_from(tmp_path):
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
     assert not (tmp_path / "checkpoint-6").exists()
     assert last_complete_checkpoint(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize("name", ["../adapters", "a/b", ".", "x" * 300, "\u1e70\u033a" * 80])
+def test_a_name_that_is_no_folder_name_is_no_adapter(tmp_path, name):
+    """Names come from requests: one with a separator, "..", or too long for a file name is
+    "no adapter named …" (a 4xx in the API), never a read outside the registry or an OSError."""
+    registry = AdapterRegistry(tmp_path / "adapters")
+    (tmp_path / METADATA).write_text("{}")  # what "../adapters" would have found
+    with pytest.raises(AdapterError, match="no adapter named"):
+        registry.get(name)
