@@ -95,6 +95,7 @@ def main() -> None:
     from eval.validation import prepare_validation
     from raft.adapters import AdapterRegistry
     from raft.dpo import train_dpo
+    from raft.preferences import load_pairs
 
     settings = DocentSettings(workspace=args.workspace)
     registry = AdapterRegistry(settings.workspace / "adapters")
@@ -107,8 +108,9 @@ def main() -> None:
     dataset = str(info.metadata.get("dataset", ""))
     vset = prepare_validation(settings, dataset or None)
     probe_base = run_probe(settings, None)
-    rows: dict[str, Any] = {"sft": {**score(settings, sft, vset), "self_declined": None}}
-    rows["sft"]["self_declined"] = _self_declined(settings, sft, vset)
+    rows: dict[str, Any] = {
+        "sft": {**score(settings, sft, vset), "self_declined": _self_declined(settings, sft, vset)}
+    }
 
     # One set of pairs with every kind; a variant keeps the kinds it asks for.
     pairs_file = settings.workspace / "preferences" / f"{sft}-all-kinds.jsonl"
@@ -117,7 +119,7 @@ def main() -> None:
         made = collect_pairs(settings.with_overrides(dpo_auto_kinds=ALL_KINDS), sft, dataset,
                              pairs_file, feedback=False)
         print("pairs", made["by_origin"], flush=True)
-    every = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
+    every = load_pairs(pairs_file)
 
     for variant in variants:
         overrides = {k: v for k, v in variant.items() if k != "name"}
