@@ -124,7 +124,7 @@ def _cache_path(raft_dir: Path, settings: DocentSettings) -> Path:
 
 
 def _select(
-    chunks: list[StoredChunk], limit: int | None, seed: int,
+    chunks: list[StoredChunk], limit: int | None, seed: int, splits: dict[str, str],
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
 ) -> list[StoredChunk]:
     """All chunks, or ``limit`` of them spread over the corpus (stable for a seed), shared
@@ -134,7 +134,6 @@ def _select(
         return chunks
     if limit <= 0:
         return []  # human questions only
-    splits = assign_splits([c.source for c in chunks], seed, fractions)
     ranked = sorted(chunks, key=lambda c: hashlib.sha256(f"{seed}:{c.chunk_id}".encode()).digest())
     want = {"validation": round(limit * fractions[1]), "test": round(limit * fractions[2])}
     if limit >= 2:
@@ -202,7 +201,9 @@ def build_raft_set(
         chunks_total=len(chunks),
     )
     cache = GenerationCache(_cache_path(raft_dir, settings))
-    targets = _select(chunks, limit, settings.seed, settings.raft_split)
+    splits = assign_splits([c.source for c in chunks], settings.seed, settings.raft_split,
+                           keep=_previous_splits(raft_dir, previous))
+    targets = _select(chunks, limit, settings.seed, splits, settings.raft_split)
     todo = [c for c in targets if cache.get(c.chunk_id, c.text_hash) is None]
     report.chunks_generated, report.chunks_reused = len(todo), len(targets) - len(todo)
     embedder = embedder or Embedder.from_settings(settings)
@@ -270,7 +271,8 @@ def build_raft_set(
             "try more chunks (--limit), a stronger teacher (--teacher URL) or --qa-file"
         )
 
-    examples = _examples(items, chunks, by_id, settings, qa_splits, embedder, store)
+    splits.update(qa_splits)
+    examples = _examples(items, chunks, by_id, settings, splits, embedder, store)
     validation = [ex for ex in examples if ex.split == "validation"]
     if settings.raft_cot_format == "own_words":
         examples = _own_words(examples, by_id, settings, given_engine, report, progress,
@@ -280,12 +282,31 @@ def build_raft_set(
         report.dropped_deleted_oracle = sum(
             1 for cid in previous.get("oracle_chunks", []) if cid not in current
         )
-    _write(raft_dir, name, examples, settings, report, store, limit, qa_path, validation)
+    _write(raft_dir, name, examples, settings, report, store, limit, qa_path, validation,
+           splits)
     (raft_dir / BUILDING).unlink(missing_ok=True)
     store.close()
     report.seconds = round(time.perf_counter() - started, 2)
     _rewrite_manifest_report(raft_dir / name, report)
     return report
+
+
+def _previous_splits(raft_dir: Path, previous: dict[str, Any] | None) -> dict[str, str] | None:
+    """The split of each document in the set a refresh starts from; sets written before the
+    manifest kept them give theirs from their examples' metadata."""
+    if not previous:
+        return None
+    if previous.get("splits"):
+        return dict(previous["splits"])
+    from raft import show  # show imports this module
+
+    kept: dict[str, str] = {}
+    for split in SPLITS:
+        for record in show.load_examples(raft_dir / previous["name"], split):
+            meta = record.get("meta", {})
+            if meta.get("source"):
+                kept[meta["source"]] = split
+    return kept or None
 
 
 def _plan(
@@ -593,7 +614,7 @@ def _examples(
     chunks: list[StoredChunk],
     by_id: dict[str, StoredChunk],
     settings: DocentSettings,
-    qa_splits: dict[str, str],
+    splits: dict[str, str],
     embedder: Embedder,
     store: KnowledgeStore,
 ) -> list[Example]:
@@ -606,8 +627,6 @@ def _examples(
             return [h.chunk_id for h in retriever.search(q, k=k)]
 
         picker = DistractorPicker(chunks, search, settings.raft_hard_negatives)
-        splits = assign_splits([c.source for c in chunks], settings.seed, settings.raft_split)
-        splits.update(qa_splits)
         mix = MixSettings(
             settings.raft_distractors,
             settings.raft_p_oracle,
@@ -681,6 +700,7 @@ def _write(
     limit: int | None,
     qa_file: Path | None,
     validation: list[Example],
+    splits: dict[str, str],
 ) -> None:
     from datasets import Dataset, DatasetDict
 
@@ -724,6 +744,8 @@ def _write(
         "limit": limit,
         "qa_file": str(qa_file) if qa_file else None,
         "dataset_hash": digest.hexdigest(),
+        # Every indexed document's split, so a refresh keeps held-out documents held out.
+        "splits": splits,
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     os.rename(staging, raft_dir / name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,9 +88,22 @@ def rng_for(seed: int, *keys: str) -> random.Random:
 
 
 def assign_splits(
-    sources: Sequence[str], seed: int, fractions: tuple[float, float, float]
+    sources: Sequence[str],
+    seed: int,
+    fractions: tuple[float, float, float],
+    keep: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Whole source documents to train/validation/test: no source is in two splits."""
+    """Whole source documents to train/validation/test: no source is in two splits.
+
+    A first build shuffles the sources and cuts them by the fractions. A refresh passes the
+    previous set's assignment as ``keep``: those documents stay where they were, so no
+    validation or test document moves into training between two loop rounds (re-shuffling
+    with three handbook documents more moved 3 of its 11 held-out documents into training and
+    3 trained-on ones out), and a new document draws its split from a hash of its own name,
+    whatever else was added with it."""
+    if keep:
+        return {src: keep[src] if keep.get(src) in SPLITS else _hashed_split(
+            src, seed, fractions) for src in sorted(set(sources))}
     ordered = sorted(set(sources))
     rng_for(seed, "splits").shuffle(ordered)
     n = len(ordered)
@@ -100,6 +113,13 @@ def assign_splits(
     for i, src in enumerate(ordered):
         out[src] = "test" if i < n_test else "validation" if i < n_test + n_val else "train"
     return out
+
+
+def _hashed_split(source: str, seed: int, fractions: tuple[float, float, float]) -> str:
+    digest = hashlib.sha256("\x1f".join([str(seed), "split", source]).encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return "test" if u < fractions[2] else "validation" if u < fractions[2] + fractions[1] \
+        else "train"
 
 
 class DistractorPicker:

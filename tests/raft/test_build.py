@@ -172,11 +172,21 @@ def test_refresh_after_an_edit_regenerates_only_changed_chunks(tmp_path, teacher
 
     (corpus / "doc2.md").write_text(docs["doc2.md"].replace("4 working days", "9 working days"))
     (corpus / "doc5.md").unlink()
+    for i in (7, 8):  # new documents must not re-shuffle the old ones between the splits
+        (corpus / f"doc{i}.md").write_text(docs["doc1.md"].replace("Service 1", f"Service {i}"))
     refresh_index([corpus], settings, embedder=embedder)
     counting = CountingEngine(teacher)
     second = build_raft_set(settings, refresh=True, engine=counting, embedder=embedder)
-    assert (second.chunks_generated, second.chunks_reused) == (1, 4)
+    assert (second.chunks_generated, second.chunks_reused) == (3, 4)
     assert second.dropped_deleted_oracle >= 1
+    before, after = (
+        json.loads((settings.workspace / "raft" / r.name / "manifest.json").read_text())["splits"]
+        for r in (first, second)
+    )
+    assert set(before.values()) == {"train", "validation", "test"}
+    assert {s: after[s] for s in before if "doc5" not in s} == {
+        s: v for s, v in before.items() if "doc5" not in s}
+    assert {s for s in after if "doc7" in s or "doc8" in s} and len(after) == len(before) + 1
     records = _all_records(settings.workspace / "raft" / second.name)
     assert all(r["meta"]["source"] != "doc5.md" for r in records)
     store = KnowledgeStore.open(settings.workspace / "index")

@@ -131,6 +131,25 @@ def test_splits_are_by_source_deterministic_and_cover_all_three():
     assert sorted(tiny.values()) == ["test", "train", "validation"]
 
 
+def test_a_refresh_keeps_each_documents_split_and_hashes_new_ones_alone():
+    fractions = (0.8, 0.1, 0.1)
+    first = assign_splits([f"doc{i}.md" for i in range(27)], 0, fractions)
+    new = [f"new{i}.md" for i in range(3)]
+    again = assign_splits([*first, *new], 0, fractions, keep=first)
+    assert {s: again[s] for s in first} == first  # no held-out document moves into training
+    # A new document's split depends on its name only, not on what else was added.
+    alone = assign_splits([*first, "new0.md"], 0, fractions, keep=first)
+    assert again["new0.md"] == alone["new0.md"]
+    many = assign_splits([f"n{i}.md" for i in range(2000)], 0, fractions, keep={"x": "train"})
+    shares = Counter(many.values())
+    assert 150 < shares["test"] < 250 and 150 < shares["validation"] < 250
+    # Without a previous assignment the sources are re-shuffled and some change split.
+    reshuffled = assign_splits([*first, *new], 0, fractions)
+    assert sum(reshuffled[s] != first[s] for s in first) > 0
+    broken = assign_splits(["a.md"], 0, fractions, keep={"a.md": "holdout"})
+    assert broken["a.md"] in {"train", "validation", "test"}
+
+
 def test_records_in_chat_and_completion_form():
     chunks = _chunks()
     picker = DistractorPicker(chunks, None, hard_fraction=0.5)
