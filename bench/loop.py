@@ -123,7 +123,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     head = ("| round | val. q | base+RAG | live | SFT | SFT+DPO | DPO − SFT | quotes found "
             "SFT/DPO | declined unanswerable base/SFT/DPO | probe base/SFT/DPO | pairs | "
             "promoted | minutes |")
-    lines = [head, "|---|" + "---:|" * 12 + "---|"]
+    lines = [head, "|---|" + "---:|" * 10 + "---|---:|"]
     for r in rows:
         sft, dpo = r["sft"] or {}, r["dpo"] or {}
         gain = (f"{100 * (dpo['accuracy'] - sft['accuracy']):+.1f}"
