@@ -271,8 +271,10 @@ def build_raft_set(
             "try more chunks (--limit), a stronger teacher (--teacher URL) or --qa-file"
         )
 
-    splits.update(qa_splits)
-    examples = _examples(items, chunks, by_id, settings, splits, embedder, store)
+    # The manifest keeps the assignment before the QA file's pins (a refresh re-reads that
+    # file), so a refresh's --limit selection matches the first build's.
+    examples = _examples(items, chunks, by_id, settings, {**splits, **qa_splits}, embedder,
+                         store)
     validation = [ex for ex in examples if ex.split == "validation"]
     if settings.raft_cot_format == "own_words":
         examples = _own_words(examples, by_id, settings, given_engine, report, progress,
