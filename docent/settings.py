@@ -92,6 +92,20 @@ class DocentSettings(BaseSettings):
         default=50_000, ge=1, description="With index_type=auto, above this many chunks use IVF."
     )
     keep_versions: int = Field(default=2, ge=1, description="Index versions kept on disk.")
+    # Where chunks, vectors and (with Postgres) the API's serving state live. "embedded" is
+    # FAISS + SQLite files in the workspace (one machine); a postgresql:// URL is one database
+    # that several API replicas share (pgvector HNSW + full text).
+    store: str = Field(
+        default="embedded",
+        description="embedded (FAISS + SQLite in the workspace) or a postgresql://... URL.",
+    )
+    pg_vector_type: Literal["vector", "halfvec"] = Field(
+        default="vector",
+        description="Postgres column type for vectors: halfvec halves memory for large corpora.",
+    )
+    pg_ef_search: int = Field(
+        default=100, ge=10, le=1000, description="pgvector hnsw.ef_search (recall vs speed)."
+    )
 
     # Retrieval.
     # 3 = the oracle + 2 distractors, what training shows the model (raft_distractors + 1).
@@ -313,6 +327,21 @@ class DocentSettings(BaseSettings):
     chat_history_turns: int = Field(
         default=6, ge=0, le=100, description="Past messages a chat turn sends to the model."
     )
+
+    @field_validator("store", mode="after")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        value = value.strip()
+        if value == "embedded" or value.startswith(("postgresql://", "postgres://")):
+            return value
+        raise ValueError(
+            f"store {value!r} must be 'embedded' or a postgresql:// URL "
+            "(e.g. DOCENT_STORE=postgresql://docent@db-host/docent)"
+        )
+
+    @property
+    def uses_postgres(self) -> bool:
+        return self.store != "embedded"
 
     @field_validator("workspace", "cache_dir", mode="after")
     @classmethod
