@@ -211,7 +211,7 @@ def _done(result: dict[str, Any] | None = None, note: str | None = None) -> Stag
 # Stages -------------------------------------------------------------------------------------
 def _ingest(ctx: _Context) -> StageRecord:
     from ingest.pipeline import refresh_index
-    from ingest.store import current_version
+    from ingest.stores import live_version
 
     result: dict[str, Any] = {}
     note = None
@@ -226,19 +226,19 @@ def _ingest(ctx: _Context) -> StageRecord:
         result = report.as_dict()
     else:
         note = "no paths given: the index as it is"
-    version = current_version(ctx.ws.index_dir)
+    version = live_version(ctx.settings)
     if version is None:
         raise ConfigError(
             "the index is empty: give the loop the documents to learn (docent loop run PATH)"
         )
     lineage = ctx.record.lineage
-    lineage["index_version"] = version.name
-    lineage["feedback_rows"] = _feedback_count(ctx.ws)
+    lineage["index_version"] = version
+    lineage["feedback_rows"] = _feedback_count(ctx.settings)
     lineage["live_before"] = _promoted_name(ctx.settings)
     if not ctx.request.even_if_unchanged and _unchanged(ctx):
         ctx.record.state = "unchanged"
         note = (
-            f"index {version.name} and the feedback are what round "
+            f"index {version} and the feedback are what round "
             f"{lineage['same_as']} trained on: nothing to learn (even_if_unchanged retrains)"
         )
     return _done(result, note)
@@ -450,11 +450,15 @@ def collect_pairs(
         )
         users: list[dict[str, Any]] = []
         user_skipped: dict[str, int] = {}
-        if feedback:
-            users, skipped = feedback_pairs(
-                ws.root / "serving", raft_folder,
-                wrong_answer=model_wrong_answer(live, adapter, seed=settings.seed),
-            )
+        store = _serving_store(settings) if feedback else None
+        if store is not None:
+            try:
+                users, skipped = feedback_pairs(
+                    store, raft_folder,
+                    wrong_answer=model_wrong_answer(live, adapter, seed=settings.seed),
+                )
+            finally:
+                store.close()
             user_skipped = dict(skipped)
     pairs = [*users, *auto][: settings.dpo_max_pairs]
     digest = write_pairs(pairs, path)
@@ -572,15 +576,15 @@ def _gate(ctx: _Context) -> StageRecord:
 
 
 def _promote(ctx: _Context) -> StageRecord:
-    from raft.adapters import AdapterRegistry
     from raft.merge import merge_if_served_merged
+    from raft.registry_store import open_registry
 
     decision = ctx.record.decision
     if not decision.get("promote"):
         ctx.record.lineage["promoted"] = None
         return _skip(f"not promoted: {decision.get('reason')}")
     name = decision["adapter"]
-    info = AdapterRegistry(ctx.ws.adapters_dir).promote(name, ctx.settings.generator)
+    info = open_registry(ctx.settings).promote(name, ctx.settings.generator)
     merged = merge_if_served_merged(info, ctx.settings)
     ctx.record.lineage["promoted"] = name
     if ctx.on_promote is not None:
@@ -607,22 +611,25 @@ def _mean(values: list[float]) -> float:
 
 
 def _promoted_name(settings: DocentSettings) -> str | None:
-    from raft.adapters import AdapterRegistry
+    from raft.registry_store import open_registry
 
-    info = AdapterRegistry(Workspace(settings.workspace).adapters_dir).promoted()
+    info = open_registry(settings).promoted()
     return info.name if info else None
 
 
-def _serving_store(ws: Workspace) -> Any:
-    """The API's store of answers and feedback, if a server ever ran on this workspace."""
-    from serving.store import ServingStore
+def _serving_store(settings: DocentSettings) -> Any:
+    """The API's store of answers and feedback: the Postgres store's, or the SQLite file if a
+    server ever ran on this workspace (else None)."""
+    from serving.store import open_serving_store
 
-    folder = ws.root / "serving"
-    return ServingStore(folder) if (folder / "serving.db").exists() else None
+    folder = Workspace(settings.workspace).root / "serving"
+    if settings.uses_postgres or (folder / "serving.db").exists():
+        return open_serving_store(settings, folder)
+    return None
 
 
-def _feedback_count(ws: Workspace) -> int:
-    store = _serving_store(ws)
+def _feedback_count(settings: DocentSettings) -> int:
+    store = _serving_store(settings)
     if store is None:
         return 0
     try:
@@ -633,7 +640,7 @@ def _feedback_count(ws: Workspace) -> int:
 
 def _export_corrections(ctx: _Context) -> Path | None:
     """Reviewers' corrections in the --qa-file format, beside the round's record."""
-    store = _serving_store(ctx.ws)
+    store = _serving_store(ctx.settings)
     if store is None:
         return None
     try:

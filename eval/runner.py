@@ -349,7 +349,7 @@ def _adapter(
 ) -> AdapterInfo | None:
     if not any(s.startswith("raft") for s in systems):
         return None
-    registry = AdapterRegistry(Workspace(settings.workspace).adapters_dir)
+    registry = open_registry(settings)
     info = registry.resolve(name)
     if info is None:
         raise ConfigError(
@@ -456,7 +456,7 @@ def _system_scores(preds: list[Prediction], questions: list[Question]) -> dict[s
 def _located(questions: list[Question], retriever: Retriever) -> list[tuple[Question, Hit]]:
     """Answerable questions whose oracle chunk (the one holding the evidence) is found."""
     chunks_by_source: dict[str, list[StoredChunk]] = {}
-    for chunk in retriever.store.docstore.iter_chunks():
+    for chunk in retriever.iter_chunks():
         chunks_by_source.setdefault(chunk.source, []).append(chunk)
     located = []
     for q in questions:

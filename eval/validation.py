@@ -29,7 +29,7 @@ from docent.settings import DocentSettings
 from docent.workspace import Workspace
 from eval.runner import run_eval
 from ingest.embedder import Embedder
-from ingest.store import current_version
+from ingest.stores import live_version
 from raft import show
 from raft.adapters import AdapterInfo, AdapterRegistry
 
@@ -114,7 +114,7 @@ def prepare_validation(
             "larger validation share (DOCENT_RAFT_SPLIT), or promote an adapter yourself "
             "with `docent adapters promote NAME`"
         )
-    index = current_version(ws.index_dir)
+    index = live_version(settings)
     key = {
         "dataset": folder.name,
         "dataset_hash": show.load_manifest(folder).get("dataset_hash"),
@@ -123,7 +123,7 @@ def prepare_validation(
         "seed": settings.seed,
         "k": settings.top_k,
         "max_tokens": max_tokens,
-        "index_version": index.name if index else None,
+        "index_version": index,
         "selection": SELECTION,
     }
     path = ws.eval_dir / "validation" / f"{folder.name}-{_digest(key)}.jsonl"

@@ -90,6 +90,10 @@ class DocStore:
     def close(self) -> None:
         self.conn.close()
 
+    def transaction(self) -> sqlite3.Connection:
+        """``with db.transaction():`` commits on success, rolls back on error."""
+        return self.conn
+
     def copy_to(self, target: Path) -> DocStore:
         """A consistent copy (SQLite online backup) to modify while this one stays untouched."""
         dest = sqlite3.connect(str(target))

@@ -16,16 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
+from docent import pg
 from docent.errors import ConfigError, DiskFullError, IndexMismatchError
 from docent.progress import Progress, no_progress
 from docent.settings import DocentSettings
 from docent.workspace import Workspace
+from ingest import pg_store, vector_index
 from ingest import store as kstore
-from ingest import vector_index
 from ingest.chunking import Chunk, Chunker
 from ingest.docstore import DocStore, StoredDocument
 from ingest.embedder import Embedder
 from ingest.lexical_index import LexicalIndex
+from ingest.pg_store import PgDocStore
 from ingest.readers import UnreadableFileError, is_supported, read_file
 
 log = logging.getLogger(__name__)
@@ -130,7 +132,7 @@ class _Run:
         return digest.hexdigest()
 
 
-def _check_compatible(old: DocStore, embedder: Embedder, index_dir: Path) -> None:
+def _check_compatible(old: DocStore | PgDocStore, embedder: Embedder, index_dir: object) -> None:
     built_with = old.get_meta("embedder")
     if built_with and built_with != embedder.model_id:
         raise IndexMismatchError(
@@ -177,6 +179,11 @@ def refresh_index(
             embedder.max_tokens,
         )
 
+    if settings.uses_postgres:
+        _refresh_postgres(run, roots, collection, rebuild)
+        report.seconds = time.perf_counter() - started
+        return report
+
     with kstore.refresh_lock(index_dir):
         kstore.collect_garbage(index_dir, settings.keep_versions)
         live = None if rebuild else kstore.current_version(index_dir)
@@ -207,6 +214,70 @@ def refresh_index(
     report.seconds = time.perf_counter() - started
     log.info("published %s: %s", final.name, report.as_dict())
     return report
+
+
+def _refresh_postgres(run: _Run, roots: list[Path], collection: str, rebuild: bool) -> None:
+    """The same refresh on the Postgres store: one transaction under an advisory lock, so
+    readers on every replica see all of it or none, and a second refresh gets IndexBusyError.
+    A process killed mid-way loses its connection: the server rolls back and unlocks."""
+    settings, report = run.settings, run.report
+    vtype = settings.pg_vector_type
+    conn = pg.connect(settings.store, settings.pg_ef_search)
+    try:
+        with pg_store.RefreshLock(conn, settings.store):
+            with conn.transaction():
+                pg_store.ensure_schema(conn, run.embedder.dim, vtype)
+            db = PgDocStore(conn)
+            meta = pg_store.read_meta(conn)
+            if not rebuild:
+                _check_compatible(db, run.embedder, pg.redact(settings.store))
+            with db.transaction():
+                # Loading into an indexed table is several times slower than building the
+                # HNSW graph once after the load. Only into an empty table, though: dropping
+                # the index locks the table, which would stall the readers of a live store
+                # (a rebuild of one keeps the index and updates it row by row instead).
+                first = db.count_chunks() == 0
+                if rebuild:
+                    db.delete_all()
+                if first:
+                    pg_store.drop_vector_index(conn)
+                changed = _apply(run, db, roots, collection)
+                if first:
+                    run.progress("index", 0, 1)
+                    pg_store.create_vector_index(conn, vtype)
+                    run.progress("index", 1, 1)
+                report.total_chunks = db.count_chunks()
+                report.documents = len(db.documents())
+                report.index_type = f"pgvector-hnsw-{vtype}"
+                if not (changed or rebuild) and "version" in meta:
+                    report.version = meta["version"]
+                    return
+                pg_store.update_lexeme_stats(conn)
+                number = int(meta.get("version", "v0")[1:] or 0) + 1
+                report.version = kstore.version_name(number)
+                manifest = _manifest(run, db, report.version, report.index_type)
+                db.set_meta("version", report.version)
+                db.set_meta("manifest", json.dumps(manifest))
+            report.published = True
+    finally:
+        conn.close()
+
+
+def _manifest(run: _Run, db: DocStore | PgDocStore, version: str, kind: str) -> dict[str, object]:
+    docs = db.documents()
+    return {
+        "version": version,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "embedder": run.embedder.model_id,
+        "dim": run.embedder.dim,
+        "chunk_size": run.settings.chunk_size,
+        "chunk_overlap": run.settings.chunk_overlap,
+        "index_type": kind,
+        "n_documents": len(docs),
+        "n_chunks": db.count_chunks(),
+        "collections": sorted({d.collection for d in docs.values()}),
+        "pipeline_version": PIPELINE_VERSION,
+    }
 
 
 def _build_version(
@@ -251,7 +322,7 @@ def disk_full(exc: BaseException) -> bool:
     return any(s in text for s in ("disk is full", "no space left", "file too large"))
 
 
-def _apply(run: _Run, db: DocStore, roots: list[Path], collection: str) -> bool:
+def _apply(run: _Run, db: DocStore | PgDocStore, roots: list[Path], collection: str) -> bool:
     """Update the docstore copy in one transaction. Returns whether anything changed."""
     report = run.report
     known = db.documents()
@@ -292,7 +363,7 @@ def _apply(run: _Run, db: DocStore, roots: list[Path], collection: str) -> bool:
 
     vectors = _vectors_for(run, db, [c for _, chunks, _ in pending for c in chunks])
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    with db.conn:  # one transaction: the copy is all-old or all-new
+    with db.transaction():  # one transaction: the copy is all-old or all-new
         for doc_id in removed_docs:
             report.removed += len(db.delete_document(doc_id))
             report.documents_removed += 1
@@ -331,7 +402,9 @@ def _apply(run: _Run, db: DocStore, roots: list[Path], collection: str) -> bool:
     return True
 
 
-def _vectors_for(run: _Run, db: DocStore, chunks: list[Chunk]) -> dict[str, np.ndarray]:
+def _vectors_for(
+    run: _Run, db: DocStore | PgDocStore, chunks: list[Chunk]
+) -> dict[str, np.ndarray]:
     """Vectors by text hash: reused from the store where the same text was embedded before."""
     wanted = {c.text_hash: c.embed_text for c in chunks}
     vectors = db.vectors_for_hashes(wanted)
@@ -366,23 +439,10 @@ def _write_indexes(run: _Run, db: DocStore, staging: Path, live: Path | None, nu
         lex_ids.append(chunk.vector_id)
     LexicalIndex.build(texts, np.asarray(lex_ids, dtype=np.int64)).save(staging / kstore.LEXICAL)
     run.progress("index", 1, 1)
-    docs = db.documents()
-    manifest = {
-        "version": kstore.version_name(number),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "embedder": run.embedder.model_id,
-        "dim": dim,
-        "chunk_size": run.settings.chunk_size,
-        "chunk_overlap": run.settings.chunk_overlap,
-        "index_type": kind,
-        "n_documents": len(docs),
-        "n_chunks": int(len(ids)),
-        "collections": sorted({d.collection for d in docs.values()}),
-        "pipeline_version": PIPELINE_VERSION,
-    }
+    manifest = _manifest(run, db, kstore.version_name(number), kind)
     (staging / kstore.MANIFEST).write_text(json.dumps(manifest, indent=2))
     run.report.total_chunks = int(len(ids))
-    run.report.documents = len(docs)
+    run.report.documents = int(manifest["n_documents"])  # type: ignore[call-overload]
     run.report.index_type = kind
 
 

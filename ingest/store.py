@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ from filelock import FileLock, Timeout
 
 from docent.errors import EmptyIndexError, IndexBusyError
 from ingest import vector_index
-from ingest.docstore import DocStore
+from ingest.docstore import DocStore, StoredChunk
 from ingest.lexical_index import LexicalIndex
 
 CURRENT = "CURRENT"
@@ -161,6 +161,12 @@ class KnowledgeStore:
 
     def __len__(self) -> int:
         return int(self.vectors.ntotal - len(self.tombstones))
+
+    def iter_chunks(self) -> Iterator[StoredChunk]:
+        return self.docstore.iter_chunks()
+
+    def get_chunks(self, vector_ids: list[int]) -> dict[int, StoredChunk]:
+        return self.docstore.get_chunks(vector_ids)
 
     def cached(self, key: object, compute: Callable[[], np.ndarray | None]) -> np.ndarray | None:
         """Per-version cache (e.g. the ids a filter allows): a version never changes."""

@@ -26,7 +26,7 @@ from docent.settings import DocentSettings
 from docent.workspace import Workspace
 from ingest.docstore import StoredChunk
 from ingest.embedder import Embedder
-from ingest.store import KnowledgeStore
+from ingest.stores import AnyStore, open_store
 from raft import answers, questions, rule_questions, spans
 from raft.cache import ChunkResult, GenerationCache
 from raft.dataset import (
@@ -176,8 +176,8 @@ def build_raft_set(
             settings.raft_distractors + 1,
             settings.top_k,
         )
-    store = KnowledgeStore.open(Workspace(settings.workspace).index_dir)
-    chunks = list(store.docstore.iter_chunks())
+    store = open_store(settings)
+    chunks = list(store.iter_chunks())
     if not chunks:
         raise EmptyIndexError("the index holds no chunks: run `docent ingest PATH` first")
     (raft_dir / BUILDING).write_text(
@@ -618,7 +618,7 @@ def _examples(
     settings: DocentSettings,
     splits: dict[str, str],
     embedder: Embedder,
-    store: KnowledgeStore,
+    store: AnyStore,
 ) -> list[Example]:
     from retrieval import Retriever
 
@@ -698,7 +698,7 @@ def _write(
     examples: list[Example],
     settings: DocentSettings,
     report: BuildReport,
-    store: KnowledgeStore,
+    store: AnyStore,
     limit: int | None,
     qa_file: Path | None,
     validation: list[Example],
@@ -737,7 +737,7 @@ def _write(
         "embedder": store.manifest.get("embedder"),
         "chunk_size": store.manifest.get("chunk_size"),
         "chunks": {
-            c.chunk_id: c.text_hash for c in store.docstore.iter_chunks() if c.chunk_id in used
+            c.chunk_id: c.text_hash for c in store.iter_chunks() if c.chunk_id in used
         },
         "oracle_chunks": sorted({ex.oracle_id for ex in examples}),
         "teacher": report.teacher,

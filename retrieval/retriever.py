@@ -1,4 +1,5 @@
-"""The retriever: dense (FAISS), BM25, hybrid (RRF) and an optional cross-encoder rerank."""
+"""The retriever: dense, lexical, hybrid (RRF or DBSF) and an optional cross-encoder rerank,
+on the embedded store (FAISS + bm25s) or on Postgres (pgvector + full text) alike."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from docent import pg
 from docent.errors import ConfigError, IndexMismatchError
 from docent.settings import DocentSettings, SearchMode
 from docent.workspace import Workspace
-from ingest import vector_index
+from ingest.docstore import StoredChunk
 from ingest.embedder import Embedder
-from ingest.store import KnowledgeStore
+from ingest.stores import AnyStore, open_store
+from retrieval import candidates
 from retrieval.filters import Filters
 from retrieval.fusion import distribution_based_score_fusion, reciprocal_rank_fusion
 from retrieval.rerank import CrossEncoderReranker
@@ -58,12 +61,20 @@ class Retriever:
     ) -> None:
         self.settings = settings
         self.index_dir = Workspace(settings.workspace).index_dir
-        self.store = KnowledgeStore.open(self.index_dir)
+        # One pool for every version this retriever opens (Postgres versions are not files).
+        self._pg = (
+            pg.Pool(settings.store, settings.pg_ef_search) if settings.uses_postgres else None
+        )
+        try:
+            self.store: AnyStore = open_store(settings, self._pg)
+        except BaseException:
+            self.close_pool()
+            raise
         # Queries in flight per store, and stores replaced by reload() that still have some:
         # a replaced store is closed when its last query ends, never under one.
         self._lock = threading.Lock()
         self._users: dict[int, int] = {}
-        self._retired: dict[int, KnowledgeStore] = {}
+        self._retired: dict[int, AnyStore] = {}
         self.embedder = embedder or Embedder.from_settings(settings)
         # FAISS's thread count is left alone on purpose: faiss and torch share one OpenMP
         # runtime, so faiss.omp_set_num_threads(1) also halved torch (embedding, training).
@@ -91,8 +102,8 @@ class Retriever:
 
     def reload(self) -> bool:
         """Open the newest published version if it changed. Returns whether it switched."""
-        fresh = KnowledgeStore.open(self.index_dir)
-        if fresh.folder == self.store.folder:
+        fresh = open_store(self.settings, self._pg)
+        if fresh.version == self.store.version:
             fresh.close()
             return False
         with self._lock:
@@ -106,7 +117,7 @@ class Retriever:
         return True
 
     @contextlib.contextmanager
-    def _using(self) -> Iterator[KnowledgeStore]:
+    def _using(self) -> Iterator[AnyStore]:
         """The current store, kept open for the duration of one query."""
         with self._lock:
             store = self.store
@@ -138,7 +149,7 @@ class Retriever:
 
     def _search(
         self,
-        store: KnowledgeStore,
+        store: AnyStore,
         query: str,
         k: int | None,
         mode: SearchMode | None,
@@ -155,49 +166,30 @@ class Retriever:
         if mode not in MODES:
             raise ConfigError(f"unknown search mode {mode!r}: use one of {', '.join(MODES)}")
         flt = filters or Filters()
-        allowed = store.cached(flt, lambda: flt.allowed_ids(store.docstore))
-        if allowed is not None and len(allowed) == 0:
-            return []
         use_rerank = self.reranker is not None if rerank is None else rerank
         if use_rerank and self.reranker is None:
             raise ConfigError("rerank asked for, but no reranker is configured (DOCENT_RERANKER)")
         pool = max(k, self.settings.candidate_pool) if (mode == "hybrid" or use_rerank) else k
         started = time.perf_counter()
+        qvec = self.embedder.encode_query(query) if mode in ("dense", "hybrid") else None
+        found = candidates.find(store, query, qvec, pool, flt, lexical=mode in ("bm25", "hybrid"))
         stage_scores: dict[int, dict[str, float]] = {}
-        rankings: list[list[int]] = []
-        scored: list[list[tuple[int, float]]] = []
-        if mode in ("dense", "hybrid"):
-            qvec = self.embedder.encode_query(query)
-            scores, ids = vector_index.search(
-                store.vectors, qvec, pool, allowed, excluded_ids=store.tombstones
-            )
-            rankings.append([int(i) for i in ids])
-            scored.append([(int(i), float(s)) for s, i in zip(scores, ids, strict=True)])
-            for s, i in zip(scores, ids, strict=True):
-                stage_scores.setdefault(int(i), {})["dense"] = float(s)
-        if mode in ("bm25", "hybrid"):
-            mask = None
-            if allowed is not None:
-                allowed_rows = allowed
-                mask = store.cached(("bm25", flt), lambda: store.lexical.mask_for(allowed_rows))
-            scores, ids = store.lexical.search(query, pool, mask=mask)
-            rankings.append([int(i) for i in ids])
-            scored.append([(int(i), float(s)) for s, i in zip(scores, ids, strict=True)])
-            for s, i in zip(scores, ids, strict=True):
-                stage_scores.setdefault(int(i), {})["bm25"] = float(s)
+        for key, scored in (("dense", found.dense), ("bm25", found.lexical)):
+            for i, s in scored:
+                stage_scores.setdefault(i, {})[key] = s
         if mode == "hybrid":
             fusion = self.settings.fusion
             if fusion == "rrf":
+                rankings = [[i for i, _ in found.dense], [i for i, _ in found.lexical]]
                 ranked = reciprocal_rank_fusion(rankings, self.settings.rrf_k)
             else:
-                ranked = distribution_based_score_fusion(scored)
+                ranked = distribution_based_score_fusion([found.dense, found.lexical])
             for i, s in ranked:
                 stage_scores[i][fusion] = s
         else:
-            key = "dense" if mode == "dense" else "bm25"
-            ranked = [(i, stage_scores[i][key]) for i in rankings[0]]
+            ranked = found.dense if mode == "dense" else found.lexical
         ranked = ranked[:pool]
-        chunks = store.docstore.get_chunks([i for i, _ in ranked])
+        chunks = found.chunks
         hits = [self._hit(chunks[i], s, stage_scores[i]) for i, s in ranked if i in chunks]
         if use_rerank and self.reranker is not None:
             rerank_scores = self.reranker.scores(query, [h.text for h in hits])
@@ -229,3 +221,13 @@ class Retriever:
 
     def close(self) -> None:
         self.store.close()
+        self.close_pool()
+
+    def close_pool(self) -> None:
+        if self._pg is not None:
+            self._pg.close()
+
+    def iter_chunks(self) -> Iterator[StoredChunk]:
+        """Every chunk of the version in use, in id order (eval and RAFT read the corpus)."""
+        with self._using() as store:
+            yield from store.iter_chunks()

@@ -95,6 +95,42 @@ def handbook_retriever(handbook_settings, embedder):
     retriever.close()
 
 
+STORES = ["embedded", "postgres"]
+
+
+def settings_on(store: str, request, **kw) -> DocentSettings:
+    """Settings on the embedded store, or on a fresh Postgres database (the ``pg_url``
+    fixture), for tests parametrized over ``STORES``."""
+    url = request.getfixturevalue("pg_url") if store == "postgres" else "embedded"
+    return DocentSettings(store=url, **kw)
+
+
+@pytest.fixture(scope="session")
+def handbook_pg_settings(pg_server, tmp_path_factory, embedder) -> DocentSettings:
+    """The sample handbook ingested into a Postgres store (once per session)."""
+    import psycopg
+
+    from ingest.pipeline import refresh_index
+
+    with psycopg.connect(pg_server.get_uri(), autocommit=True) as conn:
+        conn.execute('CREATE DATABASE "handbook"')
+    settings = DocentSettings(
+        workspace=tmp_path_factory.mktemp("handbook-pg-ws"), store=pg_server.get_uri("handbook")
+    )
+    report = refresh_index([HANDBOOK], settings, embedder=embedder)
+    assert report.published and report.total_chunks > 50 and not report.skipped
+    return settings
+
+
+@pytest.fixture(scope="session")
+def handbook_pg_retriever(handbook_pg_settings, embedder):
+    from retrieval import Retriever
+
+    retriever = Retriever(handbook_pg_settings, embedder=embedder)
+    yield retriever
+    retriever.close()
+
+
 # Four short made-up documents: training on them takes seconds a step.
 ORBIT_FACTS = {
     "desk.md": "# Desk\n\nThe Orbit help desk opens at 08:30 on weekdays. Tickets are "

@@ -1,4 +1,5 @@
-"""Retrieval over the real handbook index: modes, filters, rerank, errors, quality."""
+"""Retrieval over the real handbook index: modes, filters, rerank, errors, quality; on the
+embedded store (FAISS + bm25s) and on Postgres (pgvector + full text) alike."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from docent.settings import DocentSettings
 from retrieval import Filters, Retriever
 from retrieval.fusion import reciprocal_rank_fusion
 
-from conftest import HANDBOOK, write_corpus
+from conftest import HANDBOOK, STORES, settings_on, write_corpus
 
 
 def _qa(split: str | None = None) -> list[dict]:
@@ -28,6 +29,19 @@ def _hit_rate(retriever: Retriever, rows: list[dict], mode: str, k: int = 5) -> 
     return found / len(rows)
 
 
+@pytest.fixture(params=STORES)
+def retriever(request):
+    """The handbook retriever on each store (both opened once per session)."""
+    name = "handbook_pg_retriever" if request.param == "postgres" else "handbook_retriever"
+    return request.getfixturevalue(name)
+
+
+@pytest.fixture(params=STORES)
+def hb_settings(request):
+    name = "handbook_pg_settings" if request.param == "postgres" else "handbook_settings"
+    return request.getfixturevalue(name)
+
+
 def test_rrf_rewards_agreement():
     fused = reciprocal_rank_fusion([[1, 2, 3], [3, 1, 4]], k=60)
     assert [i for i, _ in fused][:2] == [1, 3]
@@ -36,8 +50,8 @@ def test_rrf_rewards_agreement():
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "dense", "bm25"])
-def test_each_mode_returns_ranked_hits_with_metadata(handbook_retriever, mode):
-    hits = handbook_retriever.search("How do I turn on two-factor authentication?", k=4, mode=mode)
+def test_each_mode_returns_ranked_hits_with_metadata(retriever, mode):
+    hits = retriever.search("How do I turn on two-factor authentication?", k=4, mode=mode)
     assert 0 < len(hits) <= 4
     scores = [h.score for h in hits]
     assert scores == sorted(scores, reverse=True)
@@ -47,17 +61,17 @@ def test_each_mode_returns_ranked_hits_with_metadata(handbook_retriever, mode):
     assert len({h.chunk_id for h in hits}) == len(hits)
 
 
-def test_gold_source_in_top5_for_90_percent_of_test_questions(handbook_retriever):
+def test_gold_source_in_top5_for_90_percent_of_test_questions(retriever):
     rows = _qa("test")
     assert len(rows) >= 20
-    rate = _hit_rate(handbook_retriever, rows, "hybrid")
+    rate = _hit_rate(retriever, rows, "hybrid")
     print(f"hybrid gold-source@5 on {len(rows)} test questions: {rate:.3f}")
     assert rate >= 0.90
 
 
-def test_hybrid_beats_dense_alone(handbook_retriever):
+def test_hybrid_beats_dense_alone(retriever):
     rows = _qa()
-    rates = {m: _hit_rate(handbook_retriever, rows, m, k=3) for m in ("hybrid", "dense", "bm25")}
+    rates = {m: _hit_rate(retriever, rows, m, k=3) for m in ("hybrid", "dense", "bm25")}
     print(f"gold-source@3 on all {len(rows)} questions: {rates}")
     # The handbook's questions share many words with their sources, so BM25 alone is strong
     # here; fusion must at least add to the dense retriever without losing much to BM25.
@@ -65,35 +79,36 @@ def test_hybrid_beats_dense_alone(handbook_retriever):
     assert rates["hybrid"] >= rates["bm25"] - 0.05
 
 
-def test_source_filter_is_applied_inside_retrieval(handbook_retriever):
-    hits = handbook_retriever.search(
+def test_source_filter_is_applied_inside_retrieval(retriever):
+    hits = retriever.search(
         "How much does it cost?", k=5, filters=Filters.of(source="billing-and-refunds.md")
     )
     assert hits and {h.source for h in hits} == {"billing-and-refunds.md"}
     for mode in ("dense", "bm25"):
-        only = handbook_retriever.search(
+        only = retriever.search(
             "refund", k=3, mode=mode, filters=Filters.of(source=["error-codes.md"])
         )
         assert {h.source for h in only} <= {"error-codes.md"}
 
 
-def test_section_filter_matches_part_of_the_section_path(handbook_retriever):
-    all_hits = handbook_retriever.search("plan price per seat", k=20)
+def test_section_filter_matches_part_of_the_section_path(retriever):
+    all_hits = retriever.search("plan price per seat", k=20)
     section = next(h.section for h in all_hits if h.section)
     word = section.split(">")[-1].strip().split()[0].lower()
-    hits = handbook_retriever.search("plan price per seat", k=5, filters=Filters.of(section=word))
+    hits = retriever.search("plan price per seat", k=5, filters=Filters.of(section=word))
     assert hits and all(word in (h.section or "").lower() for h in hits)
 
 
-def test_filter_matching_nothing_returns_no_hits(handbook_retriever):
-    assert handbook_retriever.search("refund", filters=Filters.of(source="nope.md")) == []
-    assert handbook_retriever.search("refund", filters=Filters.of(collection="other")) == []
+def test_filter_matching_nothing_returns_no_hits(retriever):
+    assert retriever.search("refund", filters=Filters.of(source="nope.md")) == []
+    assert retriever.search("refund", filters=Filters.of(collection="other")) == []
 
 
-def test_collections_keep_tenants_apart(tmp_path, embedder):
+@pytest.mark.parametrize("store", STORES)
+def test_collections_keep_tenants_apart(tmp_path, embedder, store, request):
     from ingest.pipeline import refresh_index
 
-    settings = DocentSettings(workspace=tmp_path / "ws")
+    settings = settings_on(store, request, workspace=tmp_path / "ws")
     a = write_corpus(tmp_path / "a", {"a.md": "# A\n\nThe vault code for Acme is 4471."})
     b = write_corpus(tmp_path / "b", {"b.md": "# B\n\nThe vault code for Bolt is 9902."})
     refresh_index([a], settings, embedder=embedder, collection="acme")
@@ -132,12 +147,12 @@ def _rank_of_code(retriever: Retriever, code: str) -> int | None:
     return next((n for n, h in enumerate(hits, start=1) if code in h.text), None)
 
 
-def test_error_codes_are_found_and_dbsf_ranks_them_higher(handbook_settings, embedder):
+def test_error_codes_are_found_and_dbsf_ranks_them_higher(hb_settings, embedder):
     codes = sorted(set(re.findall(r"### (QF-\d+)", (HANDBOOK / "error-codes.md").read_text())))
     assert len(codes) >= 10
     ranks = {}
     for fusion in ("rrf", "dbsf"):
-        retriever = Retriever(handbook_settings.with_overrides(fusion=fusion), embedder=embedder)
+        retriever = Retriever(hb_settings.with_overrides(fusion=fusion), embedder=embedder)
         ranks[fusion] = [_rank_of_code(retriever, c) for c in codes]
         retriever.close()
     print(f"rank of the error-code chunk per fusion: {ranks}")
@@ -163,9 +178,9 @@ def test_rerank_reorders_the_candidate_pool(handbook_settings, embedder):
     retriever.close()
 
 
-def test_rerank_without_a_reranker_is_a_clear_error(handbook_retriever):
+def test_rerank_without_a_reranker_is_a_clear_error(retriever):
     with pytest.raises(ConfigError, match="no reranker"):
-        handbook_retriever.search("support hours", rerank=True)
+        retriever.search("support hours", rerank=True)
 
 
 @pytest.mark.parametrize(
@@ -176,14 +191,15 @@ def test_rerank_without_a_reranker_is_a_clear_error(handbook_retriever):
         ("refund", 5, "semantic", "unknown search mode"),
     ],
 )
-def test_bad_queries_are_clear_errors(handbook_retriever, query, k, mode, match):
+def test_bad_queries_are_clear_errors(retriever, query, k, mode, match):
     with pytest.raises(ConfigError, match=match):
-        handbook_retriever.search(query, k=k, mode=mode)  # type: ignore[arg-type]
+        retriever.search(query, k=k, mode=mode)  # type: ignore[arg-type]
 
 
-def test_no_index_yet_says_what_to_run(tmp_path, embedder):
+@pytest.mark.parametrize("store", STORES)
+def test_no_index_yet_says_what_to_run(tmp_path, embedder, store, request):
     with pytest.raises(EmptyIndexError, match="docent ingest"):
-        Retriever(DocentSettings(workspace=tmp_path / "empty"), embedder=embedder)
+        Retriever(settings_on(store, request, workspace=tmp_path / "empty"), embedder=embedder)
 
 
 def test_opening_a_retriever_leaves_torch_threads_alone(handbook_settings, embedder):
@@ -194,3 +210,19 @@ def test_opening_a_retriever_leaves_torch_threads_alone(handbook_settings, embed
     retriever.search("refund window", k=3)
     retriever.close()
     assert torch.get_num_threads() == before  # faiss and torch share one OpenMP runtime
+
+
+def test_a_selective_filter_still_fills_top_k(retriever):
+    """The filter runs inside the scan (FAISS selector; pgvector's iterative index scan), not
+    after it: a source holding 3% of the chunks still gives k hits for an unrelated query."""
+    source = "error-codes.md"
+    n = sum(c.source == source for c in retriever.iter_chunks())
+    assert n >= 8
+    for mode in ("dense", "hybrid"):
+        hits = retriever.search(
+            "How do I turn on two-factor authentication?",
+            k=8,
+            mode=mode,
+            filters=Filters.of(source=source),
+        )
+        assert len(hits) == 8 and {h.source for h in hits} == {source}
