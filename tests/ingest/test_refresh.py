@@ -1,4 +1,5 @@
-"""Incremental refresh, locking, model changes and crash safety, on a real FAISS index."""
+"""Incremental refresh, locking, model changes and crash safety, on a real FAISS index and on
+a real PostgreSQL + pgvector store (tests parametrized over ``STORES``)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from docent.settings import DocentSettings
 from ingest import vector_index
 from ingest.pipeline import refresh_index
 from ingest.store import KnowledgeStore, current_version
+from ingest.stores import live_version
 
-from conftest import ROOT, write_corpus
+from conftest import ROOT, STORES, settings_on, write_corpus
 
 CORPUS = {
     "lighthouse.md": "# Lighthouse\n\n## Keeper\n\nThe keeper of the Varrow lighthouse is Ilse "
@@ -37,14 +39,37 @@ def _settings(tmp_path: Path, **kw) -> DocentSettings:
     return DocentSettings(workspace=tmp_path / "ws", **kw)
 
 
-def _consistent(settings: DocentSettings) -> KnowledgeStore:
-    """Open the live version and check that docstore, FAISS and BM25 agree."""
+@pytest.fixture(params=STORES)
+def settings(request, tmp_path) -> DocentSettings:
+    return settings_on(request.param, request, workspace=tmp_path / "ws")
+
+
+def _consistent(settings: DocentSettings):  # type: ignore[no-untyped-def]
+    """Open the live version and check that its parts agree: docstore, FAISS and BM25; or,
+    on Postgres, chunks, documents, the manifest and the lexeme statistics."""
+    if settings.uses_postgres:
+        return _consistent_pg(settings)
     store = KnowledgeStore.open(settings.workspace / "index")
     n = store.docstore.count_chunks()
     assert len(store) == n == len(store.lexical.ids) == store.manifest["n_chunks"]
     live = np.setdiff1d(vector_index.ids_of(store.vectors), store.tombstones)
     ids = sorted(c.vector_id for c in store.docstore.iter_chunks())
     assert sorted(store.lexical.ids.tolist()) == ids == sorted(live.tolist())
+    return store
+
+
+def _consistent_pg(settings: DocentSettings):  # type: ignore[no-untyped-def]
+    import psycopg
+
+    from ingest.stores import open_store
+
+    with psycopg.connect(settings.store) as conn:
+        n = conn.execute("SELECT count(*) FROM docent_chunks").fetchone()[0]
+        per_doc = conn.execute("SELECT coalesce(sum(n_chunks), 0) FROM docent_documents")
+        counted = conn.execute("SELECT value FROM docent_meta WHERE key = 'lexical_docs'")
+        assert per_doc.fetchone()[0] == n == int(counted.fetchone()[0])
+    store = open_store(settings)
+    assert store.manifest["n_chunks"] == n == len(list(store.iter_chunks()))
     return store
 
 
@@ -58,9 +83,8 @@ def _top_sources(settings, query: str, embedder) -> list[str]:
         retriever.close()
 
 
-def test_rerun_on_unchanged_tree_embeds_nothing(tmp_path, embedder):
+def test_rerun_on_unchanged_tree_embeds_nothing(tmp_path, embedder, settings):
     corpus = write_corpus(tmp_path / "docs", CORPUS)
-    settings = _settings(tmp_path)
     first = refresh_index([corpus], settings, embedder=embedder)
     assert first.published and first.added == first.embedded == first.total_chunks > 0
     assert first.documents == 4 and first.version == "v000001"
@@ -71,9 +95,8 @@ def test_rerun_on_unchanged_tree_embeds_nothing(tmp_path, embedder):
     _consistent(settings).close()
 
 
-def test_add_edit_delete_reembeds_only_what_changed(tmp_path, embedder):
+def test_add_edit_delete_reembeds_only_what_changed(tmp_path, embedder, settings):
     corpus = write_corpus(tmp_path / "docs", CORPUS)
-    settings = _settings(tmp_path)
     base = refresh_index([corpus], settings, embedder=embedder)
 
     write_corpus(corpus, MUSEUM)
@@ -86,7 +109,7 @@ def test_add_edit_delete_reembeds_only_what_changed(tmp_path, embedder):
     edited = refresh_index([corpus], settings, embedder=embedder)
     assert edited.updated == 1 and edited.embedded == 1 and edited.added == 0
     store = _consistent(settings)
-    texts = " ".join(c.text for c in store.docstore.iter_chunks())
+    texts = " ".join(c.text for c in store.iter_chunks())
     store.close()
     assert "06:15" in texts and "05:40" not in texts
 
@@ -99,12 +122,12 @@ def test_add_edit_delete_reembeds_only_what_changed(tmp_path, embedder):
     store = _consistent(settings)
     assert store.version == "v000004"
     store.close()
-    versions = sorted(p.name for p in (settings.workspace / "index").glob("v*"))
-    assert versions == ["v000003", "v000004"]  # keep_versions=2: older ones are collected
+    if not settings.uses_postgres:
+        versions = sorted(p.name for p in (settings.workspace / "index").glob("v*"))
+        assert versions == ["v000003", "v000004"]  # keep_versions=2: older ones are collected
 
 
-def test_refreshing_one_folder_keeps_documents_from_another(tmp_path, embedder):
-    settings = _settings(tmp_path)
+def test_refreshing_one_folder_keeps_documents_from_another(tmp_path, embedder, settings):
     a = write_corpus(tmp_path / "a", {"one.md": CORPUS["lighthouse.md"]})
     b = write_corpus(tmp_path / "b", {"two.md": CORPUS["bakery.md"]})
     refresh_index([a], settings, embedder=embedder)
@@ -112,14 +135,13 @@ def test_refreshing_one_folder_keeps_documents_from_another(tmp_path, embedder):
     (a / "one.md").unlink()
     refresh_index([b], settings, embedder=embedder, collection="bakeries")  # a untouched
     store = _consistent(settings)
-    sources = {c.source: c.metadata["collection"] for c in store.docstore.iter_chunks()}
+    sources = {c.source: c.metadata["collection"] for c in store.iter_chunks()}
     store.close()
     assert sources == {"one.md": "default", "two.md": "bakeries"}
 
 
-def test_changed_embedder_is_refused_and_rebuild_replaces(tmp_path, embedder):
+def test_changed_embedder_is_refused_and_rebuild_replaces(tmp_path, embedder, settings):
     corpus = write_corpus(tmp_path / "docs", CORPUS)
-    settings = _settings(tmp_path)
     refresh_index([corpus], settings, embedder=embedder)
     other = copy.copy(embedder)
     other.model_id = "example/other-embedder"
@@ -155,21 +177,30 @@ def test_changed_chunk_size_rechunks(tmp_path, embedder):
     store.close()
 
 
-def test_second_refresh_while_one_runs_is_refused(tmp_path, embedder):
+def test_second_refresh_while_one_runs_is_refused(tmp_path, embedder, settings):
+    """Another process (on Postgres: any replica) holds the refresh lock: the file lock, or
+    the database's advisory lock."""
     corpus = write_corpus(tmp_path / "docs", CORPUS)
-    settings = _settings(tmp_path)
     index_dir = settings.workspace / "index"
     index_dir.mkdir(parents=True)
+    if settings.uses_postgres:
+        hold = f"""
+        import time
+        from docent import pg
+        conn = pg.connect({settings.store!r})
+        conn.execute("SELECT pg_advisory_lock(%s)", (pg.REFRESH_LOCK,))
+        """
+    else:
+        hold = f"""
+        import time
+        from filelock import FileLock
+        lock = FileLock({str(index_dir / ".lock")!r}); lock.acquire()
+        """
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            textwrap.dedent(f"""
-        import time
-        from filelock import FileLock
-        lock = FileLock({str(index_dir / ".lock")!r}); lock.acquire()
-        print('held', flush=True); time.sleep(60)
-    """),
+            textwrap.dedent(hold) + "print('held', flush=True); time.sleep(60)\n",
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -188,10 +219,10 @@ KILLER = """
 import os, signal, sys
 from pathlib import Path
 from docent.settings import DocentSettings
-from ingest import pipeline, store, vector_index
+from ingest import pg_store, pipeline, store, vector_index
 from ingest.embedder import Embedder
 
-point, corpus, workspace = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+point, corpus, workspace, url = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -204,15 +235,27 @@ elif point == "rename":
     store.os.rename = die
 elif point == "pointer":
     store.os.replace = die
-pipeline.refresh_index([corpus], DocentSettings(workspace=workspace))
+elif point == "pg-write":  # in the middle of writing the new chunks
+    pg_store.PgDocStore.flush = die
+elif point == "pg-commit":  # everything written, the transaction not yet committed
+    pg_store.update_lexeme_stats = die
+pipeline.refresh_index([corpus], DocentSettings(workspace=workspace, store=url))
 print("survived")
 """
 
 
-@pytest.mark.parametrize("point", ["embed", "write-index", "rename", "pointer"])
-def test_sigkill_during_refresh_leaves_previous_index_intact(tmp_path, embedder, point):
+@pytest.mark.parametrize(
+    "store,point",
+    [("embedded", p) for p in ("embed", "write-index", "rename", "pointer")]
+    + [("postgres", p) for p in ("embed", "pg-write", "pg-commit")],
+)
+def test_sigkill_during_refresh_leaves_previous_index_intact(
+    tmp_path, embedder, store, point, request
+):
+    """A refresh killed at any point leaves the previous version whole and live; the next
+    refresh works (the lock died with the process: flock, or the server's session)."""
     corpus = write_corpus(tmp_path / "docs", CORPUS)
-    settings = _settings(tmp_path)
+    settings = settings_on(store, request, workspace=tmp_path / "ws")
     refresh_index([corpus], settings, embedder=embedder)
     write_corpus(corpus, MUSEUM)
     (corpus / "ferry.md").unlink()
@@ -220,7 +263,7 @@ def test_sigkill_during_refresh_leaves_previous_index_intact(tmp_path, embedder,
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
     proc = subprocess.run(
-        [sys.executable, str(script), point, str(corpus), str(settings.workspace)],
+        [sys.executable, str(script), point, str(corpus), str(settings.workspace), settings.store],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -229,12 +272,12 @@ def test_sigkill_during_refresh_leaves_previous_index_intact(tmp_path, embedder,
     )
     assert proc.returncode == -9, proc.stderr[-2000:]
 
-    store = _consistent(settings)  # the previous version, whole
-    assert store.version == "v000001"
-    sources = {c.source for c in store.docstore.iter_chunks()}
-    store.close()
+    live = _consistent(settings)  # the previous version, whole
+    assert live.version == "v000001"
+    sources = {c.source for c in live.iter_chunks()}
+    live.close()
     assert "ferry.md" in sources and "museum.md" not in sources
-    assert current_version(settings.workspace / "index").name == "v000001"
+    assert live_version(settings) == "v000001"
 
     retry = refresh_index([corpus], settings, embedder=embedder)  # the kill released the lock
     assert retry.published and retry.added == 1 and retry.removed == 1
@@ -242,11 +285,10 @@ def test_sigkill_during_refresh_leaves_previous_index_intact(tmp_path, embedder,
     _consistent(settings).close()
 
 
-def test_reader_keeps_answering_during_refresh_and_switches_on_reload(tmp_path, embedder):
+def test_reader_keeps_answering_during_refresh_and_switches_on_reload(tmp_path, embedder, settings):
     from retrieval import Retriever
 
     corpus = write_corpus(tmp_path / "docs", CORPUS)
-    settings = _settings(tmp_path)
     refresh_index([corpus], settings, embedder=embedder)
     retriever = Retriever(settings, embedder=embedder)
     before = retriever.version
