@@ -6,8 +6,10 @@ No other module reads ``os.environ`` for Docent's own configuration.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,7 +52,13 @@ class DocentSettings(BaseSettings):
         default="auto",
         description="auto: openai if llm_url is set, else vllm if installed, else hf.",
     )
-    llm_url: str | None = Field(default=None, description="OpenAI-compatible server base URL.")
+    # Stored as one comma-separated string, so code that reads it (cache keys, the engine
+    # kind) keeps working; ``llm_urls`` gives the list.
+    llm_url: str | None = Field(
+        default=None,
+        description="OpenAI-compatible server base URL; several (replicas of one model): "
+        "comma-separated, or --llm-url once per server.",
+    )
     llm_model: str | None = Field(default=None, description="Model name on that server.")
     llm_api_key: SecretStr | None = None
     llm_concurrency: int = Field(default=8, ge=1, le=256)
@@ -185,7 +193,9 @@ class DocentSettings(BaseSettings):
     )
     train_qlora: bool = Field(default=False, description="4-bit base (bitsandbytes, CUDA only).")
     train_rehearsal: float = Field(
-        default=0.25, ge=0, le=0.5,
+        default=0.25,
+        ge=0,
+        le=0.5,
         description="Share of the training mix that replays the base model's own answers to "
         "general requests it wrote itself (raft/rehearsal.py), against forgetting.",
     )
@@ -339,6 +349,23 @@ class DocentSettings(BaseSettings):
             "(e.g. DOCENT_STORE=postgresql://docent@db-host/docent)"
         )
 
+    @field_validator("llm_url", mode="before")
+    @classmethod
+    def _check_llm_url(cls, value: object) -> object:
+        # Repeated --llm-url options arrive as a list; blank (DOCENT_LLM_URL="") means unset.
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list | tuple) or not all(isinstance(t, str) for t in texts):
+            return value  # not text: pydantic's own type error names it
+        if not "".join(texts).strip():
+            return None
+        return ",".join(parse_llm_urls(texts))
+
+    @property
+    def llm_urls(self) -> list[str]:
+        """The OpenAI-compatible servers to generate with, in the order given (replicas of one
+        model: the openai engine spreads requests over them)."""
+        return parse_llm_urls(self.llm_url) if self.llm_url else []
+
     @property
     def uses_postgres(self) -> bool:
         return self.store != "embedded"
@@ -368,3 +395,39 @@ class DocentSettings(BaseSettings):
         """A copy with the given fields replaced; ``None`` means "not given on the CLI"."""
         given = {k: v for k, v in overrides.items() if v is not None}
         return self.model_validate({**self.model_dump(), **given})
+
+
+def parse_llm_urls(value: str | Sequence[str]) -> list[str]:
+    """The base URLs in ``--llm-url`` / ``DOCENT_LLM_URL``: one URL, several separated by
+    commas, or a list of either (repeated CLI options). Each must be an http(s) URL with a host
+    and no query; trailing slashes are dropped, so ``.../v1/`` and ``.../v1`` are one server."""
+    items = [value] if isinstance(value, str) else list(value)
+    urls: list[str] = []
+    for item in items:
+        for part in item.split(","):
+            url = part.strip().rstrip("/")
+            if not url:
+                raise ValueError(
+                    f"llm_url {item!r} has an empty entry: separate base URLs by single commas, "
+                    "e.g. http://gpu-1:8001/v1,http://gpu-2:8001/v1"
+                )
+            _check_base_url(url)
+            if url in urls:
+                raise ValueError(f"llm_url lists {url} twice: list each LLM server once")
+            urls.append(url)
+    return urls
+
+
+def _check_base_url(url: str) -> None:
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # not a number, or above 65535
+        port_ok = False
+    usable = parts.scheme in ("http", "https") and parts.hostname and port_ok
+    if usable and not (parts.query or parts.fragment):
+        return
+    raise ValueError(
+        f"llm_url {url!r} is not an http(s) base URL: give the server's OpenAI API root, e.g. "
+        "http://gpu-box:8001/v1 (several servers: separate them by commas, or repeat --llm-url)"
+    )

@@ -3,9 +3,13 @@ live in one process without clashing."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from docent.engine.base import ReplicaState
 
 LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -60,5 +64,33 @@ class Metrics:
     def watch_engine(self, depth: Callable[[], int]) -> None:
         self.engine_queue.set_function(lambda: float(depth()))
 
+    def watch_replicas(self, states: Callable[[], Sequence[ReplicaState]]) -> None:
+        """Per remote LLM server (``engine.replicas``): up or down, requests outstanding."""
+        self.registry.register(_ReplicaCollector(states))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ReplicaCollector(Collector):
+    """Reads the replicas at scrape time: their number and URLs are the engine's business."""
+
+    def __init__(self, states: Callable[[], Sequence[ReplicaState]]) -> None:
+        self.states = states
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "docent_llm_replica_up",
+            "Whether a remote LLM server passes its health checks (1) or is down (0)",
+            labels=["replica"],
+        )
+        outstanding = GaugeMetricFamily(
+            "docent_llm_replica_outstanding",
+            "Requests sent to a remote LLM server and not finished",
+            labels=["replica"],
+        )
+        for state in self.states():
+            up.add_metric([state.url], 1.0 if state.up else 0.0)
+            outstanding.add_metric([state.url], float(state.outstanding))
+        yield up
+        yield outstanding

@@ -60,6 +60,16 @@ class StreamDelta:
     completion: Completion | None = None
 
 
+@dataclass(frozen=True)
+class ReplicaState:
+    """One remote server behind an engine, as /metrics shows it."""
+
+    url: str
+    up: bool  # passed its last health check (or answered since it failed one)
+    outstanding: int  # requests sent to it and not finished
+    models: tuple[str, ...] = ()  # what its GET /models listed last
+
+
 class Engine(ABC):
     """Batched chat generation.
 
@@ -98,6 +108,11 @@ class Engine(ABC):
         """Why this engine can never answer again (it crashed or was closed), or None while
         it can. A remote engine that is down for now is not dead: it may come back."""
         return None
+
+    def replicas(self) -> list[ReplicaState]:
+        """The remote servers this engine spreads requests over (for /metrics); none for an
+        engine that generates in-process."""
+        return []
 
     def add_adapter(self, name: str, path: str) -> None:
         raise EngineUnavailableError(f"the {self.kind} engine cannot load LoRA adapters")

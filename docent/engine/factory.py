@@ -73,7 +73,7 @@ def build_engine(
         from docent.engine.openai_remote import OpenAIEngine
 
         key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
-        return OpenAIEngine(settings.llm_url, settings.llm_model, key, settings.llm_concurrency)
+        return OpenAIEngine(settings.llm_urls, settings.llm_model, key, settings.llm_concurrency)
     path = model_path or generator_path(settings.generator, settings.cache_dir)
     name = generator_name(settings.generator)
     if kind == "vllm":
