@@ -59,7 +59,7 @@ def simulate_feedback(settings: Any, embedder: Any, dataset: str, rows: int,
     from serving.metrics import Metrics
     from serving.rag import RagService
     from serving.routes_answer import chunk_out
-    from serving.store import ServingStore
+    from serving.store import open_serving_store
 
     folder = settings.workspace / "raft" / dataset
     seen: dict[str, str] = {}
@@ -70,7 +70,7 @@ def simulate_feedback(settings: Any, embedder: Any, dataset: str, rows: int,
     asked = sorted(seen.items())
     random.Random(seed).shuffle(asked)
     asked = asked[:rows]
-    store = ServingStore(settings.workspace / "serving")
+    store = open_serving_store(settings, settings.workspace / "serving")
     retriever = Retriever(settings, embedder=embedder)
     engine = serving_engine(settings, serving=False)
     counts = {"up": 0, "down_corrected": 0}

@@ -20,6 +20,7 @@ from docent.errors import ConfigError
 
 # Advisory lock keys (pg_try_advisory_lock(bigint)): one per thing only one replica may do.
 REFRESH_LOCK = 0x646F63656E74_01  # "docent" + 1: an index refresh
+SCHEMA_LOCK = 0x646F63656E74_02  # "docent" + 2: creating tables (see create_tables)
 
 
 def _configure(conn: psycopg.Connection, ef_search: int) -> None:
@@ -96,3 +97,12 @@ def redact(url: str) -> str:
         return "postgresql://…"
     host = info.get("host", "")
     return f"postgresql://{info.get('user', '')}@{host}/{info.get('dbname', '')}"
+
+
+def create_tables(conn: psycopg.Connection, ddl: str) -> None:
+    """Run ``CREATE … IF NOT EXISTS`` statements in one transaction, under an advisory lock:
+    replicas starting together would otherwise race in the catalog (IF NOT EXISTS is checked
+    before the insert, so the loser fails with a unique violation on pg_type)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        conn.execute(ddl)

@@ -15,7 +15,6 @@ from docent.engine import Engine
 from docent.errors import ConfigError
 from docent.progress import Progress, no_progress
 from docent.settings import DocentSettings
-from docent.workspace import Workspace
 from eval.validation import (
     ValidationSet,
     known_base_rag,
@@ -25,6 +24,7 @@ from eval.validation import (
 )
 from ingest.embedder import Embedder
 from raft.adapters import AdapterError, AdapterInfo, AdapterRegistry
+from raft.registry_store import open_registry
 
 _EPS = 1e-9  # accuracies are fractions of a few dozen questions: no real gap is this small
 
@@ -149,7 +149,7 @@ def judge_candidate(
     """Score adapter ``name``, the promoted adapter and base+RAG on ``vset`` (reusing scores
     recorded under the same validation key), record them in the adapters' metadata, and
     decide whether ``name`` may go live. Nothing is promoted here."""
-    registry = AdapterRegistry(Workspace(settings.workspace).adapters_dir)
+    registry = open_registry(settings)
     candidate = registry.get(name)
     live = _live_adapter(registry, settings)
     if live is not None and live.name == name:

@@ -42,9 +42,10 @@ from eval import metrics as m
 from eval.answer_cache import AnswerCache
 from ingest.docstore import StoredChunk
 from ingest.embedder import Embedder
-from raft.adapters import AdapterInfo, AdapterRegistry
+from raft.adapters import AdapterInfo
 from raft.build import locate_evidence
 from raft.merge import engine_for_adapter
+from raft.registry_store import open_registry
 from retrieval import Hit, Retriever
 from serving.rag import declines_ungrounded, ground, is_relevant
 

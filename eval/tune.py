@@ -44,6 +44,7 @@ from ingest.embedder import Embedder
 from raft import show
 from raft.adapters import AdapterError, AdapterRegistry
 from raft.build import LATEST, build_raft_set
+from raft.registry_store import open_registry
 from raft.train import train_adapter
 
 log = logging.getLogger(__name__)
@@ -294,7 +295,7 @@ def run_tune(
     ws = Workspace(settings.workspace).ensure()
     base = show.resolve(ws.raft_dir, dataset)
     vset = prepare_validation(settings, base.name, max_tokens)
-    registry = AdapterRegistry(ws.adapters_dir)
+    registry = open_registry(settings)
     embedder = embedder or Embedder.from_settings(settings)
     tune_id = f"tune-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     folder = ws.reports_dir / tune_id

@@ -5,6 +5,9 @@ Layout under ``<workspace>/adapters``::
     registry.json          {"promoted": "name", "history": ["older", "name"]}
     <name>/                adapter_model.safetensors, adapter_config.json, tokenizer files,
                            metadata.json, report.md, loss.png[, merged/]
+
+With ``DOCENT_STORE=postgresql://…`` registry.json's content lives in the database instead
+(``raft.registry_store.open_registry``); the adapters' folders stay here.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from docent.errors import DocentError
 from docent.models import generator_id
@@ -46,17 +49,32 @@ class AdapterInfo:
         return int(json.loads(config.read_text()).get("r", 16)) if config.exists() else 16
 
 
+class PromotionStore(Protocol):
+    """Where the promoted name and its history live instead of ``registry.json``: the
+    Postgres store, so every API replica follows the same one (raft/registry_store.py)."""
+
+    def load(self) -> dict[str, Any] | None: ...
+
+    def save(self, state: dict[str, Any]) -> None: ...
+
+
 class AdapterRegistry:
-    def __init__(self, adapters_dir: Path) -> None:
+    def __init__(self, adapters_dir: Path, promotion: PromotionStore | None = None) -> None:
         self.dir = adapters_dir
+        self.promotion = promotion  # None: registry.json in the folder
 
     def _state(self) -> dict[str, Any]:
+        if self.promotion is not None:
+            return self.promotion.load() or {"promoted": None, "history": []}
         path = self.dir / REGISTRY
         if not path.exists():
             return {"promoted": None, "history": []}
         return dict(json.loads(path.read_text()))
 
     def _save(self, state: dict[str, Any]) -> None:
+        if self.promotion is not None:
+            self.promotion.save(state)
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f"{REGISTRY}.tmp"
         tmp.write_text(json.dumps(state, indent=2))

@@ -20,8 +20,8 @@ from docent.engine import Engine, build_engine
 from docent.engine.factory import merges_adapters, resolve_engine_kind
 from docent.models import generator_path
 from docent.settings import DocentSettings
-from docent.workspace import Workspace
-from raft.adapters import AdapterError, AdapterInfo, AdapterRegistry
+from raft.adapters import AdapterError, AdapterInfo
+from raft.registry_store import open_registry
 
 log = logging.getLogger(__name__)
 MERGED = "merged"
@@ -82,7 +82,7 @@ def serving_engine(settings: DocentSettings, serving: bool = True) -> Engine:
     (``settings.serve_adapter``: the promoted one by default), and a transformers engine,
     built on first use, for requests naming the base model or another adapter."""
     kind = resolve_engine_kind(settings)
-    registry = AdapterRegistry(Workspace(settings.workspace).adapters_dir)
+    registry = open_registry(settings)
     if not merges_adapters(kind):
         ranks = [info.lora_rank for info in registry.compatible(settings.generator)]
         return build_engine(settings, kind, serving, lora_rank=max(ranks, default=16))

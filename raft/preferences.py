@@ -205,33 +205,38 @@ class _Chunk:
 
 
 def feedback_pairs(
-    store_folder: Path,
+    store_or_folder: ServingStore | Path,
     raft_folder: Path | None,
     *,
     wrong_answer: WrongAnswer | None = None,
     cot_format: str | None = None,
 ) -> tuple[list[dict[str, Any]], Counter[str]]:
-    """Pairs from rated answers in the serving store at ``store_folder``
-    (``<workspace>/serving``; none when it does not exist). ``cot_format``: the target style
-    for corrections (default: the RAFT set's, else "reasoning"). Returns the pairs in
-    feedback order and why rows gave none. Only the latest rating of an answer counts."""
-    if not (store_folder / "serving.db").exists():
-        return [], Counter()
+    """Pairs from rated answers in an open serving store (the caller closes it), or in the
+    SQLite one in that folder (``<workspace>/serving``; none when it does not exist).
+    ``cot_format``: the target style for corrections (default: the RAFT set's, else
+    "reasoning"). Returns the pairs in feedback order and why rows gave none. Only the latest
+    rating of an answer counts."""
+    if isinstance(store_or_folder, Path):
+        if not (store_or_folder / "serving.db").exists():
+            return [], Counter()
+        store = ServingStore(store_or_folder)
+        try:
+            return feedback_pairs(
+                store, raft_folder, wrong_answer=wrong_answer, cot_format=cot_format
+            )
+        finally:
+            store.close()
     targets, fmt = _raft_targets(raft_folder, cot_format)
-    store = ServingStore(store_folder)
-    try:
-        latest = {fb["answer_id"]: fb for fb in store.feedback()}
-        skipped: Counter[str] = Counter()
-        pairs = []
-        for fb in latest.values():
-            pair, reason = _feedback_pair(store, fb, targets, fmt, wrong_answer)
-            if pair is None:
-                skipped[reason] += 1
-            else:
-                pairs.append(pair)
-        return pairs, skipped
-    finally:
-        store.close()
+    latest = {fb["answer_id"]: fb for fb in store_or_folder.feedback()}
+    skipped: Counter[str] = Counter()
+    pairs = []
+    for fb in latest.values():
+        pair, reason = _feedback_pair(store_or_folder, fb, targets, fmt, wrong_answer)
+        if pair is None:
+            skipped[reason] += 1
+        else:
+            pairs.append(pair)
+    return pairs, skipped
 
 
 def _raft_targets(raft_folder: Path | None, cot_format: str | None) -> tuple[dict[str, str], str]:
@@ -264,12 +269,8 @@ def _feedback_pair(
     if rating == 0:
         return None, "neutral_rating"
     stored = store.get_answer(fb["answer_id"])
-    # ``get_answer`` leaves out the reasoning and the kind; they are in the same row.
-    with store.lock:
-        reasoning, kind = store.conn.execute(
-            "SELECT reasoning, kind FROM answers WHERE id=?", (fb["answer_id"],)
-        ).fetchone()
-    if kind != "ask":
+    reasoning = stored.reasoning
+    if stored.kind != "ask":
         # Chat and OpenAI answers were prompted with history, a mode or an integration's
         # instructions that the store does not keep: their prompt cannot be rebuilt exactly.
         return None, "prompt_not_reproducible"

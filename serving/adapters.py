@@ -1,6 +1,7 @@
 """Which LoRA adapter answers a request: the promoted one by default, another by name, or the
 base model. Reads the registry per request, so `docent adapters promote` takes effect on a
-running server without a restart."""
+running server without a restart (on every replica: with a Postgres store the promotion is
+kept in the database, raft/registry_store.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import threading
 
 from docent.engine import Engine
 from docent.settings import DocentSettings
-from docent.workspace import Workspace
 from raft.adapters import AdapterInfo, AdapterRegistry
+from raft.registry_store import open_registry
 
 log = logging.getLogger(__name__)
 BASE = "base"
@@ -18,10 +19,12 @@ PROMOTED = "promoted"
 
 
 class AdapterCatalog:
-    def __init__(self, settings: DocentSettings, engine: Engine) -> None:
+    def __init__(
+        self, settings: DocentSettings, engine: Engine, registry: AdapterRegistry | None = None
+    ) -> None:
         self.settings = settings
         self.engine = engine
-        self.registry = AdapterRegistry(Workspace(settings.workspace).adapters_dir)
+        self.registry = registry or open_registry(settings)
         self.loaded: set[str] = set()
         self.lock = threading.Lock()
 

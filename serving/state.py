@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from docent import pg
 from docent.engine import Engine, build_engine
 from docent.engine.factory import resolve_engine_kind
 from docent.engine.routed import RoutedEngine
@@ -19,15 +20,16 @@ from docent.progress import Progress
 from docent.settings import DocentSettings
 from docent.workspace import Workspace
 from ingest.embedder import Embedder
-from ingest.store import current_version
+from ingest.stores import live_version
 from raft.adapters import AdapterInfo
 from raft.merge import merged_weights, serving_engine
+from raft.registry_store import open_registry
 from retrieval import Retriever
 from serving.adapters import BASE, PROMOTED, AdapterCatalog
-from serving.jobs import JobManager
+from serving.jobs import JobManager, open_jobs
 from serving.metrics import Metrics
 from serving.rag import RagService
-from serving.store import ServingStore
+from serving.store import ServingStore, open_serving_store
 
 log = logging.getLogger(__name__)
 INDEX_POLL_S = 2.0  # how often the server looks for an index published by `docent ingest`
@@ -67,6 +69,7 @@ class ServingState:
     adapters: AdapterCatalog
     rag: RagService
     owns_engine: bool = True
+    pool: pg.Pool | None = None  # the Postgres store's connections (store, jobs, promotion)
     started_in: Path = field(default_factory=Path.cwd)  # the default refresh root
     reload_lock: threading.Lock = field(default_factory=threading.Lock)
     live: LiveAdapter = field(default_factory=lambda: LiveAdapter(None))
@@ -88,21 +91,26 @@ class ServingState:
         embedder = embedder or Embedder.from_settings(settings)
         owns_engine = engine is None
         engine = engine or serving_engine(settings, serving=True)
-        adapters = AdapterCatalog(settings, engine)
+        # With a Postgres store, chat sessions, answers, feedback, jobs and the promoted
+        # adapter's name live in the database, so any replica can answer any request.
+        pool = pg.Pool(settings.store, settings.pg_ef_search) if settings.uses_postgres else None
+        adapters = AdapterCatalog(settings, engine, open_registry(settings, pool))
         loaded = adapters.warm()
         log.info("engine %s (%s), adapters: %s", engine.model, engine.kind, loaded or "none")
         metrics.watch_engine(engine.queue_depth)
+        metrics.watch_replicas(engine.replicas)
         rag = RagService(settings, _open_retriever(settings, embedder), engine, adapters, metrics)
         return cls(
             settings=settings,
             engine=engine,
             embedder=embedder,
             metrics=metrics,
-            store=ServingStore(folder),
-            jobs=JobManager(folder / "jobs", metrics),
+            store=open_serving_store(settings, folder, pool),
+            jobs=open_jobs(settings, folder / "jobs", metrics, pool),
             adapters=adapters,
             rag=rag,
             owns_engine=owns_engine,
+            pool=pool,
             live=LiveAdapter(_served_default(engine, adapters)),
         )
 
@@ -119,8 +127,8 @@ class ServingState:
             if retriever is None:
                 self.rag.retriever = _open_retriever(self.settings, self.embedder)
                 return self.rag.retriever is not None
-            newest = current_version(self.index_dir)
-            if newest is None or newest.name == retriever.version:
+            newest = live_version(self.settings)
+            if newest is None or newest == retriever.version:
                 return False
             switched = retriever.reload()
             if switched:
@@ -286,6 +294,8 @@ class ServingState:
         if self.rag.retriever is not None:
             self.rag.retriever.close()
         self.store.close()
+        if self.pool is not None:
+            self.pool.close()
         if self.owns_engine:
             self.engine.close()
 

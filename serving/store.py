@@ -1,5 +1,10 @@
-"""What the API keeps on disk: answers (so feedback can point at one), chat sessions and
-feedback. One SQLite file in WAL mode under ``<workspace>/serving``; safe across threads."""
+"""What the API keeps: answers (so feedback can point at one), chat sessions and feedback.
+
+Embedded (the default): one SQLite file in WAL mode under ``<workspace>/serving``. With
+``DOCENT_STORE=postgresql://…``: the same tables, prefixed ``docent_``, in that database, so
+every API replica sees every session and rating. Both share the SQL and the logic here; they
+differ in how they connect, their CREATE statements and how an insert returns its id.
+Safe across threads, and (Postgres) across replicas: see ``append_turn``."""
 
 from __future__ import annotations
 
@@ -9,12 +14,16 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from docent import pg
 from docent.errors import ConfigError
 from docent.prompts import squash
+from docent.settings import DocentSettings
 from raft.text import sentence_with
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -38,6 +47,26 @@ CREATE TABLE IF NOT EXISTS feedback (
 );
 CREATE INDEX IF NOT EXISTS feedback_answer ON feedback(answer_id);
 """
+PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS docent_answers (
+    id text PRIMARY KEY, created double precision, kind text, session_id text, question text,
+    answer text, reasoning text, declined integer, citations text, chunks text,
+    model text, adapter text, owner text
+);
+CREATE TABLE IF NOT EXISTS docent_sessions (
+    id text PRIMARY KEY, mode text, created double precision, updated double precision,
+    owner text
+);
+CREATE TABLE IF NOT EXISTS docent_messages (
+    session_id text, seq integer, role text, content text, answer_id text,
+    created double precision, PRIMARY KEY (session_id, seq)
+);
+CREATE TABLE IF NOT EXISTS docent_feedback (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, answer_id text, rating integer,
+    correction text, comment text, created double precision
+);
+CREATE INDEX IF NOT EXISTS docent_feedback_answer ON docent_feedback (answer_id);
+"""
 # Added after the first release: stores made before them get the columns on open. ``owner``
 # is the fingerprint of the API key that made the row ("open" without keys).
 OWNER_COLUMNS = ("answers", "sessions")
@@ -54,9 +83,30 @@ class StoredAnswer:
     answer: str
     citations: list[dict[str, Any]]
     chunks: list[dict[str, Any]]
+    reasoning: str = ""  # the model's text before its answer line, as parse_answer split it
+    kind: str = ""  # ask, chat or openai
+
+
+class _Cursor(Protocol):
+    """What sqlite3's and psycopg's cursors both offer."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+Query = Callable[..., _Cursor]  # (sql, params=()) -> cursor, inside one transaction
 
 
 class ServingStore:
+    """The SQLite store; ``PgServingStore`` swaps the connection. SQL is written once: tables
+    as ``{p}answers`` (the prefix) and parameters as ``?``."""
+
+    prefix = ""
+
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "serving.db"
@@ -69,6 +119,20 @@ class ServingStore:
             if "owner" not in columns:
                 self.conn.execute(f"ALTER TABLE {table} ADD COLUMN owner TEXT")
         self.conn.commit()
+
+    # The dialect: how a transaction runs and how an insert returns its id ---------------
+    @contextmanager
+    def _transaction(self) -> Iterator[Query]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        with self.lock, self.conn:
+            yield lambda sql, params=(): self.conn.execute(sql.format(p=self.prefix), params)
+
+    def _insert_id(self, query: Query, sql: str, params: tuple[Any, ...]) -> int:
+        return int(query(sql, params).lastrowid or 0)  # type: ignore[attr-defined]
+
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        with self._transaction() as query:
+            return query(sql, params).fetchall()
 
     # Answers -------------------------------------------------------------------------------
     def save_answer(
@@ -87,9 +151,9 @@ class ServingStore:
         owner: str | None = None,
     ) -> str:
         answer_id = f"ans_{uuid.uuid4().hex[:20]}"
-        with self.lock, self.conn:
-            self.conn.execute(
-                "INSERT INTO answers (id, created, kind, session_id, question, answer, "
+        with self._transaction() as query:
+            query(
+                "INSERT INTO {p}answers (id, created, kind, session_id, question, answer, "
                 "reasoning, declined, citations, chunks, model, adapter, owner) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
@@ -112,14 +176,17 @@ class ServingStore:
 
     def get_answer(self, answer_id: str, owner: str | None = None) -> StoredAnswer:
         """An answer; with ``owner``, only one that owner made (others look absent)."""
-        with self.lock:
-            row = self.conn.execute(
-                "SELECT id, question, answer, citations, chunks, owner FROM answers WHERE id=?",
-                (answer_id,),
-            ).fetchone()
-        if row is None or (owner is not None and row[5] != owner):
+        rows = self._rows(
+            "SELECT id, question, answer, citations, chunks, owner, reasoning, kind "
+            "FROM {p}answers WHERE id=?",
+            (answer_id,),
+        )
+        if not rows or (owner is not None and rows[0][5] != owner):
             raise NotFoundError(f"no answer with id {answer_id!r}: use the id an answer returned")
-        return StoredAnswer(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]))
+        row = rows[0]
+        return StoredAnswer(
+            row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), row[6] or "", row[7]
+        )
 
     # Sessions ------------------------------------------------------------------------------
     def new_session_id(self) -> str:
@@ -131,11 +198,8 @@ class ServingStore:
         check_session_id(session_id)
         if owner is None:
             return
-        with self.lock:
-            row = self.conn.execute(
-                "SELECT owner FROM sessions WHERE id=?", (session_id,)
-            ).fetchone()
-        if row is not None and row[0] != owner:
+        rows = self._rows("SELECT owner FROM {p}sessions WHERE id=?", (session_id,))
+        if rows and rows[0][0] != owner:
             raise NotFoundError(f"no chat session {session_id!r}")
 
     def history(self, session_id: str, limit: int) -> list[dict[str, str]]:
@@ -143,21 +207,19 @@ class ServingStore:
         check_session_id(session_id)
         if limit <= 0:
             return []
-        with self.lock:
-            rows = self.conn.execute(
-                "SELECT role, content FROM messages WHERE session_id=? ORDER BY seq DESC LIMIT ?",
-                (session_id, limit),
-            ).fetchall()
+        rows = self._rows(
+            "SELECT role, content FROM {p}messages WHERE session_id=? ORDER BY seq DESC LIMIT ?",
+            (session_id, limit),
+        )
         return [{"role": r, "content": c} for r, c in reversed(rows)]
 
     def messages(self, session_id: str) -> list[dict[str, Any]]:
         check_session_id(session_id)
-        with self.lock:
-            rows = self.conn.execute(
-                "SELECT role, content, answer_id, created FROM messages WHERE session_id=? "
-                "ORDER BY seq",
-                (session_id,),
-            ).fetchall()
+        rows = self._rows(
+            "SELECT role, content, answer_id, created FROM {p}messages WHERE session_id=? "
+            "ORDER BY seq",
+            (session_id,),
+        )
         if not rows:
             raise NotFoundError(f"no chat session {session_id!r}")
         return [{"role": r, "content": c, "answer_id": a, "created": t} for r, c, a, t in rows]
@@ -172,33 +234,38 @@ class ServingStore:
         owner: str | None = None,
     ) -> None:
         """Store a user message and its answer together, so a session never holds a question
-        without its reply (a failed generation leaves the history as it was)."""
+        without its reply (a failed generation leaves the history as it was).
+
+        Turns of one session are numbered one transaction at a time: the session row's
+        upsert comes first and locks that row until the commit (SQLite: the whole database),
+        so a second replica appending to the same session waits there, then reads a MAX(seq)
+        that includes the first one's turn. The primary key (session_id, seq) is the
+        backstop."""
         check_session_id(session_id)
         now = time.time()
-        with self.lock, self.conn:
-            self.conn.execute(
-                "INSERT INTO sessions (id, mode, created, updated, owner) VALUES (?,?,?,?,?) "
+        with self._transaction() as query:
+            query(
+                "INSERT INTO {p}sessions (id, mode, created, updated, owner) VALUES (?,?,?,?,?) "
                 "ON CONFLICT(id) DO UPDATE SET mode=excluded.mode, updated=excluded.updated",
                 (session_id, mode, now, now, owner),
             )
-            (seq,) = self.conn.execute(
-                "SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE session_id=?",
+            (seq,) = query(
+                "SELECT COALESCE(MAX(seq), -1) + 1 FROM {p}messages WHERE session_id=?",
                 (session_id,),
             ).fetchone()
-            self.conn.executemany(
-                "INSERT INTO messages VALUES (?,?,?,?,?,?)",
-                [
-                    (session_id, seq, "user", question, None, now),
-                    (session_id, seq + 1, "assistant", answer, answer_id, now),
-                ],
+            query(
+                "INSERT INTO {p}messages (session_id, seq, role, content, answer_id, created) "
+                "VALUES (?,?,?,?,?,?), (?,?,?,?,?,?)",
+                (session_id, seq, "user", question, None, now)
+                + (session_id, seq + 1, "assistant", answer, answer_id, now),
             )
 
     def delete_session(self, session_id: str) -> bool:
         check_session_id(session_id)
-        with self.lock, self.conn:
-            n = self.conn.execute("DELETE FROM messages WHERE session_id=?", (session_id,))
-            self.conn.execute("DELETE FROM sessions WHERE id=?", (session_id,))
-        return n.rowcount > 0
+        with self._transaction() as query:
+            deleted = query("DELETE FROM {p}messages WHERE session_id=?", (session_id,)).rowcount
+            query("DELETE FROM {p}sessions WHERE id=?", (session_id,))
+        return deleted > 0
 
     # Feedback ------------------------------------------------------------------------------
     def add_feedback(
@@ -210,21 +277,20 @@ class ServingStore:
         owner: str | None = None,
     ) -> int:
         self.get_answer(answer_id, owner)  # 404 for an unknown answer, before anything is written
-        with self.lock, self.conn:
-            cur = self.conn.execute(
-                "INSERT INTO feedback (answer_id, rating, correction, comment, created) "
+        with self._transaction() as query:
+            return self._insert_id(
+                query,
+                "INSERT INTO {p}feedback (answer_id, rating, correction, comment, created) "
                 "VALUES (?,?,?,?,?)",
                 (answer_id, rating, correction, comment, time.time()),
             )
-        return int(cur.lastrowid or 0)
 
     def feedback(self) -> list[dict[str, Any]]:
-        with self.lock:
-            rows = self.conn.execute(
-                "SELECT f.id, f.answer_id, f.rating, f.correction, f.comment, f.created, "
-                "a.question, a.answer FROM feedback f JOIN answers a ON a.id = f.answer_id "
-                "ORDER BY f.id"
-            ).fetchall()
+        rows = self._rows(
+            "SELECT f.id, f.answer_id, f.rating, f.correction, f.comment, f.created, "
+            "a.question, a.answer FROM {p}feedback f JOIN {p}answers a ON a.id = f.answer_id "
+            "ORDER BY f.id"
+        )
         keys = ("id", "answer_id", "rating", "correction", "comment", "created")
         return [
             {**dict(zip(keys, r[:6], strict=True)), "question": r[6], "answer": r[7]} for r in rows
@@ -277,6 +343,46 @@ class ServingStore:
     def close(self) -> None:
         with self.lock:
             self.conn.close()
+
+
+class PgServingStore(ServingStore):
+    """The same store in Postgres (``DOCENT_STORE=postgresql://…``), on connections from
+    ``pool``; every replica reads and writes the same rows. ``owns_pool``: close the pool
+    with the store (one opened for it alone)."""
+
+    prefix = "docent_"
+
+    def __init__(self, pool: pg.Pool, owns_pool: bool = False) -> None:
+        self.pool = pool
+        self.owns_pool = owns_pool
+        with pool.connection() as conn:
+            pg.create_tables(conn, PG_SCHEMA)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Query]:
+        with self.pool.connection() as conn, conn.transaction():
+            yield lambda sql, params=(): conn.execute(
+                sql.format(p=self.prefix).replace("?", "%s"), params
+            )
+
+    def _insert_id(self, query: Query, sql: str, params: tuple[Any, ...]) -> int:
+        return int(query(sql + " RETURNING id", params).fetchone()[0])
+
+    def close(self) -> None:
+        if self.owns_pool:
+            self.pool.close()
+
+
+def open_serving_store(
+    settings: DocentSettings, folder: Path, pool: pg.Pool | None = None
+) -> ServingStore:
+    """The store ``settings.store`` names: the SQLite file in ``folder`` (embedded), or the
+    Postgres tables, on ``pool`` if given (else on a small pool of its own)."""
+    if not settings.uses_postgres:
+        return ServingStore(folder)
+    if pool is None:
+        return PgServingStore(pg.Pool(settings.store, settings.pg_ef_search, 2), owns_pool=True)
+    return PgServingStore(pool)
 
 
 def check_session_id(session_id: str) -> None:
