@@ -38,10 +38,21 @@ WorkspaceOpt = Annotated[
 ]
 
 
+StoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="Knowledge store: 'embedded' (FAISS + SQLite in the workspace) or a "
+        "postgresql://… URL shared by several replicas [env: DOCENT_STORE]",
+    ),
+]
+
+
 @app.callback()
 def main(
     ctx: typer.Context,
     workspace: WorkspaceOpt = None,
+    store: StoreOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     # Offline by design: nothing may be fetched from a model hub at run time.
@@ -64,7 +75,7 @@ def main(
     for noisy in ("bm25s", "sentence_transformers", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
     try:
-        ctx.obj = DocentSettings().with_overrides(workspace=workspace)
+        ctx.obj = DocentSettings().with_overrides(workspace=workspace, store=store)
     except ValueError as exc:
         _fail(f"invalid settings: {exc}")
 
@@ -138,6 +149,7 @@ def ingest(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Read, chunk and embed documents; re-running only re-embeds what changed."""
+    from docent import pg
     from ingest.pipeline import refresh_index
 
     settings = _settings(
@@ -151,7 +163,8 @@ def ingest(
     if as_json:
         out.print_json(json.dumps(report.as_dict()))
         return
-    table = Table(title=f"Ingest → {settings.workspace / 'index'} ({report.version})")
+    where = pg.redact(settings.store) if settings.uses_postgres else settings.workspace / "index"
+    table = Table(title=f"Ingest → {where} ({report.version})")
     for col in ("added", "updated", "removed", "unchanged", "embedded", "skipped"):
         table.add_column(col, justify="right")
     table.add_row(
@@ -400,7 +413,10 @@ def train(
     ] = None,
 ) -> None:
     """Fine-tune the base model on a RAFT set with LoRA (or, with --method dpo, tune an SFT
-    adapter on preference pairs); the adapter joins the registry."""
+    adapter on preference pairs); the adapter joins the registry. Runs unchanged under
+    `accelerate launch` (configs in configs/accelerate/): the main process writes, the others
+    train."""
+    from raft.distributed import is_main_process
     from raft.train import train_adapter
 
     if force and not promote:
@@ -433,14 +449,24 @@ def train(
         result = _run_stage(
             train_adapter, settings, dataset=dataset, name=name, resume=resume, merge=merge
         )
+    if not is_main_process():
+        return  # under `accelerate launch`: the gate and the summary are the main process's
     promoted = promote and _gated_promote(settings, result.name, result.dataset, force)
     out.print(f"[bold]{result.name}[/] → {result.path}")
+    processes = _processes(result)
     out.print(
-        f"{result.steps} steps in {result.seconds}s ({result.tokens_per_s} tokens/s); "
+        f"{result.steps} steps{processes} in {result.seconds}s ({result.tokens_per_s} tokens/s); "
         f"train loss {result.train_loss_first} → {result.train_loss_last}; "
         f"best validation loss {result.best_eval_loss}"
     )
     out.print(f"report: {result.path}/report.md" + (" · promoted" if promoted else ""))
+
+
+def _processes(result: Any) -> str:
+    """`` on 2 processes (effective batch 8)`` for a run spread by `accelerate launch`."""
+    if result.processes <= 1:
+        return ""
+    return f" on {result.processes} processes (effective batch {result.effective_batch})"
 
 
 def _train_dpo(
@@ -450,10 +476,11 @@ def _train_dpo(
     from datetime import UTC, datetime
 
     from docent.loop import collect_pairs
-    from raft.adapters import AdapterRegistry
+    from raft.distributed import on_main
     from raft.dpo import train_dpo
+    from raft.registry_store import open_registry
 
-    registry = AdapterRegistry(settings.workspace / "adapters")
+    registry = open_registry(settings)
     try:
         info = registry.get(sft) if sft else (registry.promoted() or registry.latest())
     except DocentError as exc:
@@ -462,14 +489,29 @@ def _train_dpo(
     if info is None:
         _fail("no SFT adapter to start from: train one first (`docent train`)")
         raise typer.Exit(1)  # unreachable
+    sft_info = info
     if pairs is None:
-        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        pairs = settings.workspace / "preferences" / f"{info.name}-{stamp}.jsonl"
-        pairs.parent.mkdir(parents=True, exist_ok=True)
-        made = _run_stage(
-            collect_pairs, settings, info.name, str(info.metadata.get("dataset")), pairs
-        )
-        out.print(f"{made['count']} preference pairs {made['by_origin']} → {pairs}")
+
+        def make_pairs() -> Path:
+            stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+            path = settings.workspace / "preferences" / f"{sft_info.name}-{stamp}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with _progress() as progress:
+                made = collect_pairs(
+                    settings,
+                    sft_info.name,
+                    str(sft_info.metadata.get("dataset")),
+                    path,
+                    progress=_RichProgress(progress),
+                )
+            out.print(f"{made['count']} preference pairs {made['by_origin']} → {path}")
+            return path
+
+        try:  # made once, by the main process under `accelerate launch`
+            pairs = on_main(make_pairs)
+        except DocentError as exc:
+            _fail(str(exc))
+            raise  # unreachable
     elif not pairs.exists():
         _fail(f"--pairs {pairs} does not exist")
     return _run_stage(train_dpo, settings, sft=info.name, pairs=pairs, name=name)
@@ -581,9 +623,9 @@ app.add_typer(adapters_app, name="adapters")
 
 
 def _registry(ctx: typer.Context):  # type: ignore[no-untyped-def]
-    from raft.adapters import AdapterRegistry
+    from raft.registry_store import open_registry
 
-    return AdapterRegistry(ctx.obj.workspace / "adapters")
+    return open_registry(ctx.obj)
 
 
 @adapters_app.command("list")
@@ -628,11 +670,11 @@ def adapters_promote(ctx: typer.Context, name: Annotated[str, typer.Argument()])
 def _promote(settings: DocentSettings, name: str) -> None:
     """Promote, and write the merged weights now where the serving engine runs adapters
     merged (vLLM on a CPU), so serving never waits for them."""
-    from raft.adapters import AdapterRegistry
     from raft.merge import merge_if_served_merged
+    from raft.registry_store import open_registry
 
     try:
-        info = AdapterRegistry(settings.workspace / "adapters").promote(name, settings.generator)
+        info = open_registry(settings).promote(name, settings.generator)
         with console.status("merging the adapter into the base weights for vLLM…"):
             merged = merge_if_served_merged(info, settings)
     except DocentError as exc:
@@ -982,7 +1024,11 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
     engine: Annotated[str | None, typer.Option(help="auto, vllm, hf or openai.")] = None,
     llm_url: Annotated[
-        str | None, typer.Option(help="An OpenAI-compatible server to generate with.")
+        list[str] | None,
+        typer.Option(
+            help="An OpenAI-compatible server to generate with. Replicas of one model: repeat "
+            "the option or separate URLs by commas; requests go to the least busy one."
+        ),
     ] = None,
     llm_model: Annotated[str | None, typer.Option(help="Model name at --llm-url.")] = None,
     adapter: Annotated[
@@ -997,7 +1043,7 @@ def serve(
         host=host,
         port=port,
         engine=engine,
-        llm_url=llm_url,
+        llm_url=llm_url or None,  # none given: DOCENT_LLM_URL stands
         llm_model=llm_model,
         serve_adapter=adapter,
     )

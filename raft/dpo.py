@@ -31,6 +31,15 @@ from docent.prompts import chat_prompt
 from docent.settings import DocentSettings
 from docent.workspace import Workspace
 from raft.adapters import METADATA, AdapterError, AdapterInfo, AdapterRegistry
+from raft.distributed import (
+    is_main_process,
+    on_main,
+    parallel_summary,
+    precision,
+    sharded,
+    spread,
+    wait_for_everyone,
+)
 from raft.preferences import check_pair, load_pairs, write_pairs
 from raft.train import (
     RUNS,
@@ -73,16 +82,104 @@ def train_dpo(
     ws = Workspace(settings.workspace).ensure()
     adapters_dir = ws.adapters_dir
     state_path = adapters_dir / RUNS / DPO_TRAINING
+    saved, sft, name = on_main(lambda: _plan_run(adapters_dir, sft, name, resume))
+    settings = settings.with_overrides(**saved)
+    run_dir = adapters_dir / RUNS / name
+    if resume:
+        pairs = run_dir / PAIRS_FILE
+    if pairs is None:
+        raise ConfigError("train_dpo needs the SFT adapter (sft=) and the preference pairs")
+    main = is_main_process()
+    if not main:
+        progress = no_progress  # one set of progress bars, the main process's
+    parent = _parent(adapters_dir, sft, settings.generator)
+    given = pairs
+    # Read by the main process and handed to the others: a resumed run's pairs file is
+    # rewritten below, and every process must train on the same pairs.
+    rows = on_main(lambda: _checked_pairs(settings, given))
+    cuda, bf16 = _device_plan(settings)
+    final = adapters_dir / name
+
+    trainer, tokenizer = _make_trainer(
+        settings,
+        parent,
+        rows,
+        run_dir,
+        cuda,
+        bf16,
+        [_progress_callback(progress), *(callbacks or [])],
+    )
+    if len(trainer.train_dataset) == 0:
+        if main:
+            state_path.unlink(missing_ok=True)  # nothing a resume could continue
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise ConfigError(
+            f"every pair's prompt is {settings.train_max_length} tokens or longer, so no answer "
+            "token is left to train on: raise DOCENT_TRAIN_MAX_LENGTH or retrieve fewer chunks"
+        )
+    if sharded(trainer):
+        raise ConfigError(
+            "DPO saves its trained adapter from one process, and FSDP and DeepSpeed ZeRO-3 "
+            "shard it across processes: launch DPO with configs/accelerate/ddp.yaml or "
+            "configs/accelerate/deepspeed_zero2.yaml"
+        )
+    hyper = _hyperparameters(settings)
+    pairs_hash = ""
+    if main:
+        if not resume:
+            # Checkpoints of an abandoned run under this name must not mix with this run's.
+            shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        pairs_hash = write_pairs(rows, run_dir / PAIRS_FILE)
+        state_path.write_text(json.dumps({"name": name, "sft": sft, "settings": hyper}))
+    checkpoint = on_main(lambda: last_complete_checkpoint(run_dir)) if resume else None
+    if checkpoint is not None:
+        _restore_checkpoint(trainer.model, checkpoint)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+    wait_for_everyone()  # every process is done with the checkpoints
+
+    history = list(trainer.state.log_history)
+    result = _result(name, final, parent, trainer, history, seconds, checkpoint)
+    parallel = parallel_summary(trainer)
+    result.processes, result.effective_batch = parallel["processes"], parallel["effective_batch"]
+
+    def publish() -> None:
+        meta = _metadata(
+            settings, parent, result, history, rows, pairs_hash, hyper, cuda, bf16, parallel
+        )
+        _publish(trainer, tokenizer, meta, run_dir, final)
+        state_path.unlink(missing_ok=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+    on_main(publish)  # the others wait: when this returns the adapter is in the registry
+    return result
+
+
+def _plan_run(
+    adapters_dir: Path, sft: str | None, name: str | None, resume: bool
+) -> tuple[dict[str, Any], str, str]:
+    """The run's saved settings (a resumed run's; none for a new run), its SFT adapter and its
+    name (a new run's from the SFT adapter and the time)."""
+    state_path = adapters_dir / RUNS / DPO_TRAINING
+    saved: dict[str, Any] = {}
     if resume:
         if not state_path.exists():
             raise ConfigError("nothing to resume: no interrupted DPO training run was found")
         state = json.loads(state_path.read_text())
-        settings = settings.with_overrides(**state["settings"])
-        sft, name = state["sft"], state["name"]
-        pairs = adapters_dir / RUNS / state["name"] / PAIRS_FILE
-    if sft is None or pairs is None:
+        saved, sft, name = state["settings"], state["sft"], state["name"]
+    if sft is None:
         raise ConfigError("train_dpo needs the SFT adapter (sft=) and the preference pairs")
-    parent = _parent(adapters_dir, sft, settings.generator)
+    name = name or f"{sft}-dpo-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    if (adapters_dir / name).exists():
+        raise ConfigError(f"an adapter named {name!r} exists already: choose another --name")
+    return saved, sft, name
+
+
+def _checked_pairs(
+    settings: DocentSettings, pairs: list[dict[str, Any]] | Path
+) -> list[dict[str, Any]]:
     rows = load_pairs(pairs) if isinstance(pairs, Path) else list(pairs)
     for n, pair in enumerate(rows, start=1):
         check_pair(pair, f"#{n}")
@@ -97,48 +194,7 @@ def train_dpo(
             "grounded, and no feedback holds a correction or an upvote; collect feedback "
             "(POST /v1/feedback) or keep the SFT adapter"
         )
-    cuda, bf16 = _device_plan(settings)
-    name = name or f"{sft}-dpo-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
-    final = adapters_dir / name
-    if final.exists():
-        raise ConfigError(f"an adapter named {name!r} exists already: choose another --name")
-    run_dir = adapters_dir / RUNS / name
-    if not resume:
-        # Checkpoints of an abandoned run under this name must not mix with this run's.
-        shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    pairs_hash = write_pairs(rows, run_dir / PAIRS_FILE)
-    hyper = _hyperparameters(settings)
-    state_path.write_text(json.dumps({"name": name, "sft": sft, "settings": hyper}))
-
-    trainer, tokenizer = _make_trainer(
-        settings,
-        parent,
-        rows,
-        run_dir,
-        cuda,
-        bf16,
-        [_progress_callback(progress), *(callbacks or [])],
-    )
-    if len(trainer.train_dataset) == 0:
-        state_path.unlink(missing_ok=True)  # nothing a resume could continue
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise ConfigError(
-            f"every pair's prompt is {settings.train_max_length} tokens or longer, so no answer "
-            "token is left to train on: raise DOCENT_TRAIN_MAX_LENGTH or retrieve fewer chunks"
-        )
-    checkpoint = _restore_checkpoint(trainer.model, run_dir) if resume else None
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    seconds = time.perf_counter() - started
-
-    history = list(trainer.state.log_history)
-    result = _result(name, final, parent, trainer, history, seconds, checkpoint)
-    meta = _metadata(settings, parent, result, history, rows, pairs_hash, hyper, cuda, bf16)
-    _publish(trainer, tokenizer, meta, run_dir, final)
-    state_path.unlink(missing_ok=True)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return result
+    return rows
 
 
 def _publish(
@@ -221,19 +277,16 @@ def _make_trainer(
     return trainer, tokenizer
 
 
-def _restore_checkpoint(model: Any, run_dir: Path) -> str | None:
-    """The last checkpoint of an interrupted run, with its "default" adapter loaded now.
+def _restore_checkpoint(model: Any, checkpoint: str) -> None:
+    """Load the "default" adapter of an interrupted run's last checkpoint now.
     A checkpoint holds two adapters ("default" at the top, "ref" in ref/), and transformers'
     resume then reloads only the sub-folder ones: "default" would restart from the SFT
     weights while the step count and optimizer state moved on."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    checkpoint = last_complete_checkpoint(run_dir)
-    if checkpoint is None:
-        return None
+
     weights = load_file(str(Path(checkpoint) / "adapter_model.safetensors"))
     set_peft_model_state_dict(model, weights, adapter_name="default")
-    return str(checkpoint)
 
 
 def _result(
@@ -273,6 +326,7 @@ def _metadata(
     hyper: dict[str, Any],
     cuda: bool,
     bf16: bool,
+    parallel: dict[str, Any],
 ) -> dict[str, Any]:
     by_origin: dict[str, int] = {}
     for pair in pairs:
@@ -294,7 +348,8 @@ def _metadata(
         },
         "hyperparameters": hyper,
         "device": "cuda" if cuda else "cpu",
-        "dtype": ("bfloat16" if cuda else "float32 + bf16 autocast") if bf16 else "float32",
+        "dtype": precision(cuda, bf16, parallel["mixed_precision"]),
+        "parallel": parallel,
         "hardware": describe(),
         "result": {k: v for k, v in asdict(result).items() if k != "log_history"},
         "loss_curve": [{k: h[k] for k in CURVE_KEYS if k in h} for h in history if "loss" in h],
@@ -338,7 +393,7 @@ def _write_report(folder: Path, meta: dict[str, Any]) -> None:
         f"- loss: {_cell(r['train_loss_first'])} → {_cell(r['train_loss_last'])}",
         f"- beta={hp['dpo_beta']}, lr={hp['dpo_lr']}, loss={hp.get('dpo_loss', 'sigmoid')}, "
         f"sft weight={hp['dpo_sft_weight']}, "
-        f"batch={hp['train_batch_size']}x{hp['train_grad_accum']}",
+        f"batch={hp['train_batch_size']}x{hp['train_grad_accum']}{spread(meta['parallel'])}",
         "",
         "![rewards](rewards.png)",
         "",

@@ -30,7 +30,17 @@ from docent.prompts import chat_prompt
 from docent.settings import DocentSettings
 from docent.workspace import Workspace
 from raft import show
-from raft.adapters import METADATA, AdapterRegistry
+from raft.adapters import METADATA
+from raft.distributed import (
+    is_main_process,
+    on_main,
+    parallel_summary,
+    precision,
+    process_state,
+    sharded,
+    spread,
+    wait_for_everyone,
+)
 from raft.rehearsal import rehearsal_count, rehearsal_rows
 
 log = logging.getLogger(__name__)
@@ -51,6 +61,10 @@ class TrainResult:
     tokens_per_s: float
     resumed_from: str | None = None
     merged: str | None = None
+    # Under `accelerate launch`: one optimizer step saw effective_batch examples (or packed
+    # rows), per-device batch x processes x gradient accumulation.
+    processes: int = 1
+    effective_batch: int | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -74,7 +88,8 @@ def to_prompt_completion(record: dict[str, Any], tokenizer: Any) -> dict[str, st
 def _device_plan(settings: DocentSettings) -> tuple[bool, bool]:
     import torch
 
-    cuda = torch.cuda.is_available()
+    # accelerate's device for this process: cuda:<local rank> under a multi-GPU launch.
+    cuda = process_state().device.type == "cuda"
     if settings.train_qlora and not cuda:
         raise ConfigError(
             "QLoRA trains a 4-bit quantised base with bitsandbytes, which needs a CUDA GPU; "
@@ -103,10 +118,13 @@ def _load_base(path: str, settings: DocentSettings, cuda: bool, bf16: bool) -> A
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16,
         )
-        kwargs["device_map"] = {"": 0}
+        # Each process's whole 4-bit model on its own GPU (DDP), not all of them on GPU 0.
+        kwargs["device_map"] = {"": process_state().local_process_index}
         return prepare_model_for_kbit_training(AutoModelForCausalLM.from_pretrained(path, **kwargs))
     model: Any = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return model.to("cuda") if cuda else model
+    # This process's device (cuda:<local rank> under DDP; the CPU without CUDA), so rehearsal
+    # generation runs there too. Under FSDP and ZeRO the wrapper then shards it.
+    return model.to(process_state().device)
 
 
 def _progress_callback(progress: Progress) -> Any:
@@ -129,17 +147,20 @@ def train_adapter(
     progress: Progress = no_progress,
     callbacks: list[Any] | None = None,
 ) -> TrainResult:
+    """Train a LoRA adapter on RAFT set ``dataset`` (default: the newest) and publish it in the
+    registry as ``name``. Under ``accelerate launch`` every process calls this; the adapter,
+    its metadata and the resume state are written by the main process alone
+    (``raft.distributed``), and every process returns the same result."""
     from transformers import AutoTokenizer
 
     ws = Workspace(settings.workspace).ensure()
     adapters_dir = ws.adapters_dir
     state_path = adapters_dir / RUNS / TRAINING
-    if resume:
-        if not state_path.exists():
-            raise ConfigError("nothing to resume: no interrupted `docent train` run was found")
-        state = json.loads(state_path.read_text())
-        settings = settings.with_overrides(**state["settings"])
-        dataset, name = state["dataset"], state["name"]
+    saved, dataset, name = on_main(lambda: _plan_run(ws, dataset, name, resume))
+    settings = settings.with_overrides(**saved)
+    main = is_main_process()
+    if not main:
+        progress = no_progress  # one set of progress bars, the main process's
     cuda, bf16 = _device_plan(settings)
     folder = show.resolve(ws.raft_dir, dataset)
     manifest = show.load_manifest(folder)
@@ -153,22 +174,28 @@ def train_adapter(
     ]
     if not train_rows:
         raise ConfigError(f"RAFT set {folder.name} has no training examples")
-    name = name or f"{folder.name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     final = adapters_dir / name
-    if final.exists():
-        raise ConfigError(f"an adapter named {name!r} exists already: choose another --name")
     run_dir = adapters_dir / RUNS / name
-    run_dir.mkdir(parents=True, exist_ok=True)
     train_fields = {k: v for k, v in settings.model_dump().items() if k.startswith("train_")}
-    state_path.write_text(
-        json.dumps({"name": name, "dataset": folder.name, "settings": train_fields})
-    )
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state_path.write_text(
+            json.dumps({"name": name, "dataset": folder.name, "settings": train_fields})
+        )
 
     model = _load_base(base_path, settings, cuda, bf16)
-    rehearsed, rehearsal_rejected = rehearsal_rows(
-        model, tokenizer, rehearsal_count(len(train_rows), settings.train_rehearsal),
-        seed=settings.seed, generator=generator_id(settings.generator),
-        cache_dir=ws.raft_dir / "cache", progress=progress,
+    # Made once, by the main process (the model writes them and they are cached on disk), and
+    # handed to the others: every process must train on the same rows.
+    rehearsed, rehearsal_rejected = on_main(
+        lambda: rehearsal_rows(
+            model,
+            tokenizer,
+            rehearsal_count(len(train_rows), settings.train_rehearsal),
+            seed=settings.seed,
+            generator=generator_id(settings.generator),
+            cache_dir=ws.raft_dir / "cache",
+            progress=progress,
+        )
     )
     raft_rows = len(train_rows)
     train_rows += rehearsed
@@ -176,16 +203,26 @@ def train_adapter(
         settings, model, tokenizer, train_rows, val_rows, run_dir,
         cuda=cuda, bf16=bf16, callbacks=[_progress_callback(progress), *(callbacks or [])],
     )
-    checkpoint = last_complete_checkpoint(run_dir) if resume else None
+    if merge and sharded(trainer):
+        raise ConfigError(
+            "--merge needs the whole trained model in one process, and FSDP and DeepSpeed "
+            "ZeRO-3 shard it across processes: train without --merge (promotion merges where "
+            "serving needs merged weights), or launch with configs/accelerate/ddp.yaml or ZeRO-2"
+        )
+    checkpoint = on_main(lambda: last_complete_checkpoint(run_dir)) if resume else None
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - started
+    # Every process has loaded the best checkpoint: the run folder may go.
+    wait_for_everyone()
 
     staging = adapters_dir / f".tmp-{name}"
-    shutil.rmtree(staging, ignore_errors=True)
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    # On every process: under FSDP or ZeRO-3 saving gathers the shards; the main process writes.
     trainer.save_model(str(staging))
-    tokenizer.save_pretrained(str(staging))
     history = list(trainer.state.log_history)
+    parallel = parallel_summary(trainer)
     losses = [h["loss"] for h in history if "loss" in h]
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     tokens = float(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
@@ -202,44 +239,84 @@ def train_adapter(
         seconds=round(seconds, 1),
         tokens_per_s=round(tokens / train_seconds, 1) if train_seconds > 0 else 0.0,
         resumed_from=checkpoint,
+        merged=str(final / "merged") if merge else None,
+        processes=parallel["processes"],
+        effective_batch=parallel["effective_batch"],
         log_history=history,
     )
-    if merge:
-        merged = staging / "merged"
-        peft_model: Any = trainer.model
-        peft_model.merge_and_unload().save_pretrained(str(merged))
-        tokenizer.save_pretrained(str(merged))
-        result.merged = str(final / "merged")
-    meta = {
-        "name": name,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "base_model": generator_id(settings.generator),
-        "base_path": base_path,
-        "dataset": folder.name,
-        "dataset_hash": manifest.get("dataset_hash"),
-        "dataset_params": manifest.get("params"),
-        "hyperparameters": train_fields,
-        "device": "cuda" if cuda else "cpu",
-        "dtype": ("bfloat16" if cuda else "float32 + bf16 autocast") if bf16 else "float32",
-        "hardware": describe(),
-        "examples": {"train": raft_rows, "validation": len(val_rows),
-                     "rehearsal": len(rehearsed)},
-        "rehearsal_rejected": dict(rehearsal_rejected),
-        "result": {k: v for k, v in asdict(result).items() if k != "log_history"},
-        "loss_curve": [
-            {k: h[k] for k in ("step", "loss", "eval_loss") if k in h}
-            for h in history
-            if "loss" in h or "eval_loss" in h
-        ],
-        "eval": None,
-    }
-    (staging / METADATA).write_text(json.dumps(meta, indent=2))
-    _write_report(staging, meta)
-    os.rename(staging, final)
-    state_path.unlink(missing_ok=True)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    AdapterRegistry(adapters_dir)  # the folder is the registration; promotion is explicit
+
+    def publish() -> None:
+        """Metadata, report and merged weights into the staging folder, renamed into place:
+        a crash leaves no half adapter in the registry. The folder is the registration;
+        promotion is explicit."""
+        tokenizer.save_pretrained(str(staging))
+        if merge:
+            merged = staging / "merged"
+            peft_model: Any = trainer.model
+            peft_model.merge_and_unload().save_pretrained(str(merged))
+            tokenizer.save_pretrained(str(merged))
+        meta = {
+            "name": name,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "base_model": generator_id(settings.generator),
+            "base_path": base_path,
+            "dataset": folder.name,
+            "dataset_hash": manifest.get("dataset_hash"),
+            "dataset_params": manifest.get("params"),
+            "hyperparameters": train_fields,
+            "device": "cuda" if cuda else "cpu",
+            "dtype": precision(cuda, bf16, parallel["mixed_precision"]),
+            "parallel": parallel,
+            "hardware": describe(),
+            "examples": {
+                "train": raft_rows,
+                "validation": len(val_rows),
+                "rehearsal": len(rehearsed),
+            },
+            "rehearsal_rejected": dict(rehearsal_rejected),
+            "result": {k: v for k, v in asdict(result).items() if k != "log_history"},
+            "loss_curve": [
+                {k: h[k] for k in ("step", "loss", "eval_loss") if k in h}
+                for h in history
+                if "loss" in h or "eval_loss" in h
+            ],
+            "eval": None,
+        }
+        (staging / METADATA).write_text(json.dumps(meta, indent=2))
+        _write_report(staging, meta)
+        os.rename(staging, final)
+        state_path.unlink(missing_ok=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        log.info(
+            "trained %s: %d steps on %d process(es), effective batch %d",
+            name,
+            result.steps,
+            parallel["processes"],
+            parallel["effective_batch"],
+        )
+
+    # The others wait for it: when this returns, the adapter is in the registry everywhere.
+    on_main(publish)
     return result
+
+
+def _plan_run(
+    ws: Workspace, dataset: str | None, name: str | None, resume: bool
+) -> tuple[dict[str, Any], str, str]:
+    """The run's saved training settings (a resumed run's; none for a new run), its RAFT set
+    and its adapter name (a new run's from the set and the time)."""
+    state_path = ws.adapters_dir / RUNS / TRAINING
+    saved: dict[str, Any] = {}
+    if resume:
+        if not state_path.exists():
+            raise ConfigError("nothing to resume: no interrupted `docent train` run was found")
+        state = json.loads(state_path.read_text())
+        saved, dataset, name = state["settings"], state["dataset"], state["name"]
+    folder = show.resolve(ws.raft_dir, dataset)
+    name = name or f"{folder.name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    if (ws.adapters_dir / name).exists():
+        raise ConfigError(f"an adapter named {name!r} exists already: choose another --name")
+    return saved, folder.name, name
 
 
 def last_complete_checkpoint(run_dir: Path) -> str | None:
@@ -358,13 +435,19 @@ def trainer_arguments(
         "report_to": [],
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
+        # Under DDP: every LoRA weight takes part in every forward pass, so DDP need not search
+        # the graph for unused ones after each step (transformers would, for a PEFT model).
+        "ddp_find_unused_parameters": False,
     }
 
 
 def _warmup_steps(settings: DocentSettings, examples: int, epochs: float | None = None) -> int:
     """5% of the steps, rounded down. transformers rounds a warm-up *ratio* up, so a 4-step
-    run spent its first step at learning rate 0, and a 1-step run never changed the adapter."""
-    per_epoch = math.ceil(examples / (settings.train_batch_size * settings.train_grad_accum))
+    run spent its first step at learning rate 0, and a 1-step run never changed the adapter.
+    A step takes a batch on every process: N processes make an epoch N times shorter."""
+    processes = process_state().num_processes
+    per_step = settings.train_batch_size * settings.train_grad_accum * processes
+    per_epoch = math.ceil(examples / per_step)
     total = settings.train_max_steps or math.ceil(per_epoch * (epochs or settings.train_epochs))
     return int(0.05 * total)
 
@@ -405,7 +488,7 @@ def _write_report(folder: Path, meta: dict[str, Any]) -> None:
         f"best validation loss: {r['best_eval_loss']}",
         f"- LoRA r={hp['train_lora_r']} alpha={hp['train_lora_alpha']} "
         f"targets={hp['train_target_modules']}, lr={hp['train_lr']}, "
-        f"batch={hp['train_batch_size']}x{hp['train_grad_accum']}",
+        f"batch={hp['train_batch_size']}x{hp['train_grad_accum']}{spread(meta['parallel'])}",
         "",
         "![loss](loss.png)",
         "",
