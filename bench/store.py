@@ -15,7 +15,7 @@ full-text candidates, as the retriever's default pool) and ``filtered`` (dense, 
 collection "tenant-b": 10% of the chunks). p50/p99 latency, recall@10 of dense and filtered
 results against exact search (numpy over the same vectors), and how many filtered queries got
 fewer than 10 hits. Postgres runs with ``hnsw.ef_search`` = ``--ef-search`` (Docent's default
-100), for each of ``--vector-types`` (vector, halfvec).
+200), for each of ``--vector-types`` (vector, halfvec).
 
 Handbook: both stores ingest examples/handbook with the real embedder, then hit@5 (gold
 source among the top 5 of a hybrid search) on the answerable test questions of qa.jsonl.
@@ -124,8 +124,7 @@ def _dir_bytes(path: Path) -> int:
 def ingest_embedded(corpus: dict[str, Any], folder: Path) -> tuple[Any, float, dict[str, int]]:
     from ingest import vector_index
     from ingest.docstore import DocStore
-    from ingest.lexical_index import LexicalIndex
-    from ingest.pipeline import _lexical_text
+    from ingest.lexical_index import LexicalIndex, lexical_text
     from ingest.store import KnowledgeStore
 
     chunks = _chunks(corpus)
@@ -140,7 +139,7 @@ def ingest_embedded(corpus: dict[str, Any], folder: Path) -> tuple[Any, float, d
     kind = vector_index.choose_kind("auto", len(ids), 50_000)
     index = vector_index.build_index(kind, vectors, ids, vectors.shape[1])
     vector_index.write_index(index, folder / "vectors.faiss")
-    texts = [_lexical_text(c.text, c.metadata) for c in db.iter_chunks()]
+    texts = [lexical_text(c.text, c.metadata) for c in db.iter_chunks()]
     LexicalIndex.build(texts, ids).save(folder / "lexical")
     seconds = time.perf_counter() - started
     sizes = {
@@ -250,6 +249,30 @@ def search_rows(
     }
 
 
+def ef_sweep(
+    url: str, args: argparse.Namespace, queries: np.ndarray, texts: list[str], truth: np.ndarray
+) -> list[dict[str, Any]]:
+    """Dense recall@10 and latency at each hnsw.ef_search of ``--ef-sweep``."""
+    from docent import pg
+    from ingest.pg_store import PgKnowledgeStore
+    from retrieval.candidates import find
+    from retrieval.filters import Filters
+
+    rows = []
+    for ef in [int(x) for x in args.ef_sweep.split(",") if x]:
+        store = PgKnowledgeStore.open(pg.Pool(url, ef), owns_pool=True)
+
+        def dense(qt: Any, store: Any = store) -> np.ndarray:
+            found = find(store, qt[1], qt[0], K, Filters(), lexical=False)
+            order = [i for i, _ in found.dense[:K]]
+            return np.asarray([int(found.chunks[i].chunk_id[1:]) for i in order])
+
+        times, found = time_queries(dense, list(zip(queries, texts, strict=True)), f"ef {ef}")
+        store.close()
+        rows.append({"ef_search": ef, **latency(times), "recall": recall(found, truth, K)})
+    return rows
+
+
 def exact(vectors: np.ndarray, queries: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
     rows = np.arange(len(vectors)) if allowed is None else allowed
     scores = queries @ vectors[rows].T
@@ -325,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--words", type=int, default=60)
     parser.add_argument("--vocab", type=int, default=20_000)
-    parser.add_argument("--ef-search", type=int, default=100)
+    parser.add_argument("--ef-search", type=int, default=200)
+    parser.add_argument("--ef-sweep", default="40,100,200,400", help="Dense recall per ef.")
     parser.add_argument("--pg-url", default=None, help="A server to use instead of the wheel's.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-handbook", action="store_true")
@@ -377,8 +401,18 @@ def main(argv: list[str] | None = None) -> int:
                     **found,
                 }
                 store.close()
+                entry.setdefault("ef_sweep", {})[vtype] = ef_sweep(url, args, queries, texts, truth)
             results["sizes"].append(entry)
             console.print(table_for(entry))
+            for vtype, sweep in entry.get("ef_sweep", {}).items():
+                console.print(
+                    f"{vtype} ef_search sweep: "
+                    + ", ".join(
+                        f"{r['ef_search']}: recall {r['recall']:.3f} p50 {r['p50_ms']:.1f} "
+                        f"p99 {r['p99_ms']:.1f} ms"
+                        for r in sweep
+                    )
+                )
         if not args.no_handbook:
             results["handbook_hit5"] = handbook_hit5(
                 _database(server_url, "bench_handbook"), console

@@ -375,26 +375,34 @@ def train(
     qlora: Annotated[bool, typer.Option(help="4-bit base (CUDA only).")] = False,
     rehearsal: Annotated[
         float | None,
-        typer.Option(help="Share of the mix replaying the base model's own general answers "
-                     "(0 to 0.5; against forgetting)."),
+        typer.Option(
+            help="Share of the mix replaying the base model's own general answers "
+            "(0 to 0.5; against forgetting)."
+        ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="Adapter name.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run.")] = False,
     merge: Annotated[bool, typer.Option(help="Also write a merged full model.")] = False,
     method: Annotated[
         str,
-        typer.Option(help="sft: LoRA on a RAFT set. dpo: preference tuning (TRL DPOTrainer) on "
-                     "top of an SFT adapter, which is also the reference model."),
+        typer.Option(
+            help="sft: LoRA on a RAFT set. dpo: preference tuning (TRL DPOTrainer) on "
+            "top of an SFT adapter, which is also the reference model."
+        ),
     ] = "sft",
     sft: Annotated[
         str | None,
-        typer.Option(help="With --method dpo: the SFT adapter to start from (default: the "
-                     "promoted one, else the newest)."),
+        typer.Option(
+            help="With --method dpo: the SFT adapter to start from (default: the "
+            "promoted one, else the newest)."
+        ),
     ] = None,
     pairs: Annotated[
         Path | None,
-        typer.Option(help="With --method dpo: preference pairs JSONL (default: made now from "
-                     "users' feedback and the SFT adapter's wrong answers on the train split)."),
+        typer.Option(
+            help="With --method dpo: preference pairs JSONL (default: made now from "
+            "users' feedback and the SFT adapter's wrong answers on the train split)."
+        ),
     ] = None,
     beta: Annotated[float | None, typer.Option(help="With --method dpo: DPO beta.")] = None,
     promote: Annotated[
@@ -699,8 +707,11 @@ def _gated_promote(settings: DocentSettings, name: str, dataset: str, force: boo
     except DocentError as exc:
         # The adapter is kept either way; what is live stays live. Not an error: the training
         # asked for worked, only the judgement could not be made.
-        out.print(f"[yellow]{name} is trained but not promoted: the gate could not score it on "
-                  f"validation: {exc}[/]", soft_wrap=True)
+        out.print(
+            f"[yellow]{name} is trained but not promoted: the gate could not score it on "
+            f"validation: {exc}[/]",
+            soft_wrap=True,
+        )
         return False
     return _apply_decision(settings, name, decision)
 
@@ -770,13 +781,19 @@ def loop_run(
     from docent.loop import LoopRequest, run_loop
 
     settings = _settings(ctx, engine=engine)
-    train = {k: v for k, v in (("lr", lr), ("epochs", epochs), ("max_steps", max_steps))
-             if v is not None}
+    train = {
+        k: v for k, v in (("lr", lr), ("epochs", epochs), ("max_steps", max_steps)) if v is not None
+    }
     try:
         request = LoopRequest(
-            paths=[str(p) for p in paths or []], collection=collection,
-            qa_file=str(qa_file.resolve()) if qa_file else None, feedback=feedback, dpo=dpo,
-            force=force, even_if_unchanged=even_if_unchanged, train=train,
+            paths=[str(p) for p in paths or []],
+            collection=collection,
+            qa_file=str(qa_file.resolve()) if qa_file else None,
+            feedback=feedback,
+            dpo=dpo,
+            force=force,
+            even_if_unchanged=even_if_unchanged,
+            train=train,
         )
     except DocentError as exc:
         _fail(str(exc))
@@ -786,8 +803,10 @@ def loop_run(
         out.print_json(json.dumps(record.as_dict(), default=str))
         return
     _print_rounds([record])
-    out.print(f"[dim]round record: {settings.workspace / 'loop' / record.id / 'round.json'}[/]",
-              soft_wrap=True)
+    out.print(
+        f"[dim]round record: {settings.workspace / 'loop' / record.id / 'round.json'}[/]",
+        soft_wrap=True,
+    )
 
 
 @loop_app.command("history")
@@ -837,8 +856,9 @@ def _print_rounds(rounds: list[Any]) -> None:
         adapters = [a for a in (lin.get("sft"), lin.get("dpo")) if a]
         if adapters:
             chain.append(", ".join(adapters))
-        out.print(f"[bold]{r.id}[/] {r.state} · {minutes:.1f} min · " + " → ".join(chain),
-                  soft_wrap=True)
+        out.print(
+            f"[bold]{r.id}[/] {r.state} · {minutes:.1f} min · " + " → ".join(chain), soft_wrap=True
+        )
         sft, dpo = sc.get("sft") or {}, sc.get("dpo") or {}
         if sft:
             live = sc.get("live") or {}
@@ -852,9 +872,16 @@ def _print_rounds(rounds: list[Any]) -> None:
                 soft_wrap=True,
             )
         if decision:
-            verdict = (("[bold]promoted despite the gate[/] " if decision.get("forced")
-                        else "[bold]promoted[/] ") + str(decision.get("adapter"))
-                       if decision.get("promote") else "[yellow]not promoted[/]")
+            verdict = (
+                (
+                    "[bold]promoted despite the gate[/] "
+                    if decision.get("forced")
+                    else "[bold]promoted[/] "
+                )
+                + str(decision.get("adapter"))
+                if decision.get("promote")
+                else "[yellow]not promoted[/]"
+            )
             out.print(f"  {verdict}: {decision.get('reason')}", soft_wrap=True)
         elif r.error:
             out.print(f"  [red]{r.error}[/]", soft_wrap=True)

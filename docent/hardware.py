@@ -55,9 +55,16 @@ def describe() -> dict[str, Any]:
     import torch
 
     model, flags = _cpu_flags()
-    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"),
-                                   ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
-           if flag in flags]
+    isa = [
+        name
+        for flag, name in (
+            ("avx2", "AVX2"),
+            ("avx512f", "AVX-512"),
+            ("avx512_bf16", "AVX512-BF16"),
+            ("amx_bf16", "AMX-BF16"),
+        )
+        if flag in flags
+    ]
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     affinity = getattr(os, "sched_getaffinity", None)
     return {

@@ -46,9 +46,7 @@ from docent.workspace import Workspace
 from ingest.embedder import Embedder
 
 log = logging.getLogger(__name__)
-STAGES = (
-    "ingest", "raft", "sft", "score_sft", "pairs", "dpo", "score_dpo", "gate", "promote"
-)
+STAGES = ("ingest", "raft", "sft", "score_sft", "pairs", "dpo", "score_dpo", "gate", "promote")
 # What a loop request may change about training: the train_* settings, named without prefix.
 TRAIN_KEYS = ("epochs", "max_steps", "lr", "lora_r", "lora_alpha", "batch_size", "grad_accum")
 DONE = ("done", "skipped")
@@ -140,8 +138,8 @@ def run_loop(
             progress("loop", len(STAGES), len(STAGES))
         except BaseException as exc:
             record.state = "failed"
-            record.error = str(exc) if isinstance(exc, DocentError) else (
-                f"{type(exc).__name__}: {exc}"
+            record.error = (
+                str(exc) if isinstance(exc, DocentError) else (f"{type(exc).__name__}: {exc}")
             )
             record.finished = now()
             store.save(record)
@@ -291,8 +289,15 @@ def _raft(ctx: _Context) -> StageRecord:
     ctx.record.lineage["raft_set"] = name
     ctx.record.lineage["dataset_hash"] = manifest.get("dataset_hash")
     report = manifest.get("report") or {}
-    keep = ("examples", "kinds", "chunks_generated", "chunks_reused", "questions_accepted",
-            "human_questions", "seconds")
+    keep = (
+        "examples",
+        "kinds",
+        "chunks_generated",
+        "chunks_reused",
+        "questions_accepted",
+        "human_questions",
+        "seconds",
+    )
     return _done({k: report.get(k) for k in keep}, note)
 
 
@@ -314,16 +319,28 @@ def _sft(ctx: _Context) -> StageRecord:
         resume=resume,
         progress=ctx.progress,
     )
-    return _done(_train_summary(registry.get(name).metadata),
-                 f"resumed from {result.resumed_from}" if result.resumed_from else None)
+    return _done(
+        _train_summary(registry.get(name).metadata),
+        f"resumed from {result.resumed_from}" if result.resumed_from else None,
+    )
 
 
 def _train_summary(meta: dict[str, Any]) -> dict[str, Any]:
     result = meta.get("result") or {}
-    keep = ("steps", "train_loss_first", "train_loss_last", "best_eval_loss", "seconds",
-            "tokens_per_s", "resumed_from")
-    return {**{k: result.get(k) for k in keep}, "examples": meta.get("examples"),
-            "pairs": meta.get("pairs")}
+    keep = (
+        "steps",
+        "train_loss_first",
+        "train_loss_last",
+        "best_eval_loss",
+        "seconds",
+        "tokens_per_s",
+        "resumed_from",
+    )
+    return {
+        **{k: result.get(k) for k in keep},
+        "examples": meta.get("examples"),
+        "pairs": meta.get("pairs"),
+    }
 
 
 def _score_sft(ctx: _Context) -> StageRecord:
@@ -347,7 +364,11 @@ def _score(ctx: _Context, role: str) -> StageRecord:
     name = ctx.record.lineage[role]
     vset = prepare_validation(ctx.settings, ctx.record.lineage["raft_set"])
     decision = judge_candidate(
-        ctx.settings, name, vset, engine=ctx.engine, embedder=ctx.embedder,
+        ctx.settings,
+        name,
+        vset,
+        engine=ctx.engine,
+        embedder=ctx.embedder,
         progress=ctx.progress,
     )
     registry = AdapterRegistry(ctx.ws.adapters_dir)
@@ -358,22 +379,40 @@ def _score(ctx: _Context, role: str) -> StageRecord:
     if decision.promoted_name is not None:
         scores["live"] = {"name": decision.promoted_name, "accuracy": decision.promoted}
     if "probe_base" not in scores:
-        scores["probe_base"] = _mean(run_probe(
-            ctx.settings, None, limit=ctx.settings.probe_questions,
-            max_tokens=ctx.settings.validation_max_tokens, engine=ctx.engine,
-            progress=ctx.progress,
-        ))
+        scores["probe_base"] = _mean(
+            run_probe(
+                ctx.settings,
+                None,
+                limit=ctx.settings.probe_questions,
+                max_tokens=ctx.settings.validation_max_tokens,
+                engine=ctx.engine,
+                progress=ctx.progress,
+            )
+        )
     mine = {
         "name": name,
         "accuracy": decision.candidate,
-        "validation": {k: validation.get(k) for k in (
-            "accuracy", "f1", "quotes_grounded", "answers_with_citation", "ungrounded_answers",
-            "answer_rate")},
-        "probe": _mean(run_probe(
-            ctx.settings, name, limit=ctx.settings.probe_questions,
-            max_tokens=ctx.settings.validation_max_tokens, engine=ctx.engine,
-            progress=ctx.progress,
-        )),
+        "validation": {
+            k: validation.get(k)
+            for k in (
+                "accuracy",
+                "f1",
+                "quotes_grounded",
+                "answers_with_citation",
+                "ungrounded_answers",
+                "answer_rate",
+            )
+        },
+        "probe": _mean(
+            run_probe(
+                ctx.settings,
+                name,
+                limit=ctx.settings.probe_questions,
+                max_tokens=ctx.settings.validation_max_tokens,
+                engine=ctx.engine,
+                progress=ctx.progress,
+            )
+        ),
         "gate": decision.as_dict(),  # against accuracy alone; the gate stage adds the probe
     }
     declines = _declines(ctx, name)
@@ -395,17 +434,25 @@ def _declines(ctx: _Context, adapter: str) -> dict[str, float]:
     qa_file = manifest.get("qa_file")
     if not qa_file or not Path(qa_file).exists():
         return {}
-    rows = [json.loads(line) for line in Path(qa_file).read_text("utf-8").splitlines()
-            if line.strip()]
+    rows = [
+        json.loads(line) for line in Path(qa_file).read_text("utf-8").splitlines() if line.strip()
+    ]
     unanswerable = [r for r in rows if not r.get("answerable", True)]
     if not unanswerable:
         return {}
     path = ctx.folder / "unanswerable.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in unanswerable), "utf-8")
     result = run_eval(
-        ctx.settings, path, systems=("base+rag", "raft+rag"), adapter=adapter, split=None,
-        forgetting=False, max_tokens=ctx.settings.validation_max_tokens, engine=ctx.engine,
-        embedder=ctx.embedder, progress=ctx.progress,
+        ctx.settings,
+        path,
+        systems=("base+rag", "raft+rag"),
+        adapter=adapter,
+        split=None,
+        forgetting=False,
+        max_tokens=ctx.settings.validation_max_tokens,
+        engine=ctx.engine,
+        embedder=ctx.embedder,
+        progress=ctx.progress,
     )
     return {s: result.systems[s]["declined_unanswerable"] for s in ("base+rag", "raft+rag")}
 
@@ -416,11 +463,18 @@ def _pairs(ctx: _Context) -> StageRecord:
         return _skip("preference tuning is off for this round")
     path = ctx.folder / "pairs.jsonl"
     result = collect_pairs(
-        ctx.settings, ctx.record.lineage["sft"], ctx.record.lineage["raft_set"], path,
-        engine=ctx.engine, feedback=ctx.request.feedback, progress=ctx.progress,
+        ctx.settings,
+        ctx.record.lineage["sft"],
+        ctx.record.lineage["raft_set"],
+        path,
+        engine=ctx.engine,
+        feedback=ctx.request.feedback,
+        progress=ctx.progress,
     )
     ctx.record.lineage["pairs"] = {
-        "file": str(path), "sha256": result["sha256"], "count": result["count"]
+        "file": str(path),
+        "sha256": result["sha256"],
+        "count": result["count"],
     }
     return _done(result)
 
@@ -445,7 +499,10 @@ def collect_pairs(
     raft_folder = ws.raft_dir / dataset
     with engine_for(settings, sft, engine) as (live, adapter):
         auto, auto_skipped = auto_pairs(
-            settings, raft_folder, live, adapter,
+            settings,
+            raft_folder,
+            live,
+            adapter,
             progress=lambda done, total: progress("pairs", done, total),
         )
         users: list[dict[str, Any]] = []
@@ -454,7 +511,8 @@ def collect_pairs(
         if store is not None:
             try:
                 users, skipped = feedback_pairs(
-                    store, raft_folder,
+                    store,
+                    raft_folder,
                     wrong_answer=model_wrong_answer(live, adapter, seed=settings.seed),
                 )
             finally:
@@ -465,8 +523,14 @@ def collect_pairs(
     by_origin: dict[str, int] = {}
     for pair in pairs:
         by_origin[pair["origin"]] = by_origin.get(pair["origin"], 0) + 1
-    return {"count": len(pairs), "by_origin": by_origin, "sha256": digest, "file": str(path),
-            "auto_skipped": dict(auto_skipped), "feedback_skipped": user_skipped}
+    return {
+        "count": len(pairs),
+        "by_origin": by_origin,
+        "sha256": digest,
+        "file": str(path),
+        "auto_skipped": dict(auto_skipped),
+        "feedback_skipped": user_skipped,
+    }
 
 
 @contextmanager
@@ -500,8 +564,10 @@ def _dpo(ctx: _Context) -> StageRecord:
     if not pairs:
         return _skip("preference tuning is off for this round")
     if not pairs["count"]:
-        return _skip("no preference pairs: the SFT adapter answered every training question "
-                     "right and grounded, and no user rated an answer")
+        return _skip(
+            "no preference pairs: the SFT adapter answered every training question "
+            "right and grounded, and no user rated an answer"
+        )
     name = f"loop-{ctx.record.id}-dpo"
     ctx.record.lineage["dpo"] = name
     registry = AdapterRegistry(ctx.ws.adapters_dir)
@@ -518,8 +584,10 @@ def _dpo(ctx: _Context) -> StageRecord:
             name=name,
             progress=ctx.progress,
         )
-    return _done(_train_summary(registry.get(name).metadata),
-                 f"resumed from {result.resumed_from}" if result.resumed_from else None)
+    return _done(
+        _train_summary(registry.get(name).metadata),
+        f"resumed from {result.resumed_from}" if result.resumed_from else None,
+    )
 
 
 def _gate(ctx: _Context) -> StageRecord:
@@ -556,11 +624,16 @@ def _gate(ctx: _Context) -> StageRecord:
         reason = decisions[chosen].reason
         if forced:
             reason = gate_decision(
-                decisions[chosen].candidate, decisions[chosen].base_rag,
-                decisions[chosen].promoted, ctx.settings.promote_margin, force=True,
+                decisions[chosen].candidate,
+                decisions[chosen].base_rag,
+                decisions[chosen].promoted,
+                ctx.settings.promote_margin,
+                force=True,
                 candidate_name=scores[chosen]["name"],
-                promoted_name=decisions[chosen].promoted_name, probe=scores[chosen]["probe"],
-                probe_base=scores["probe_base"], tolerance=ctx.settings.forgetting_tolerance,
+                promoted_name=decisions[chosen].promoted_name,
+                probe=scores[chosen]["probe"],
+                probe_base=scores["probe_base"],
+                tolerance=ctx.settings.forgetting_tolerance,
             ).reason
     else:
         reason = "; ".join(f"{role}: {d.reason}" for role, d in decisions.items())

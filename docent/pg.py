@@ -32,7 +32,7 @@ def _configure(conn: psycopg.Connection, ef_search: int) -> None:
     conn.execute(f"SET hnsw.ef_search = {int(ef_search)}")
 
 
-def connect(url: str, ef_search: int = 100) -> psycopg.Connection:
+def connect(url: str, ef_search: int = 200) -> psycopg.Connection:
     """A new autocommit connection, or a ConfigError that says how to reach the database."""
     try:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
@@ -56,7 +56,7 @@ def connect(url: str, ef_search: int = 100) -> psycopg.Connection:
 class Pool:
     """A small thread-safe pool (psycopg_pool) of configured connections, opened lazily."""
 
-    def __init__(self, url: str, ef_search: int = 100, max_size: int = 8) -> None:
+    def __init__(self, url: str, ef_search: int = 200, max_size: int = 8) -> None:
         self.url = url
         self._lock = threading.Lock()
         self._ef_search = ef_search

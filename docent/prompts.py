@@ -123,8 +123,9 @@ def chat_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
     """The text a model is prompted with: the chat template with the assistant turn opened.
     Every engine that renders prompts itself and training (raft/train.py) call this one
     function, so the tokens a model is trained after are the tokens it is served after."""
-    return str(tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                             add_generation_prompt=True))
+    return str(
+        tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    )
 
 
 def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:

@@ -112,7 +112,7 @@ class DocentSettings(BaseSettings):
         description="Postgres column type for vectors: halfvec halves memory for large corpora.",
     )
     pg_ef_search: int = Field(
-        default=100, ge=10, le=1000, description="pgvector hnsw.ef_search (recall vs speed)."
+        default=200, ge=10, le=1000, description="pgvector hnsw.ef_search (recall vs speed)."
     )
 
     # Retrieval.

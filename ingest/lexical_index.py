@@ -23,6 +23,28 @@ def tokenize(texts: list[str]) -> bm25s.tokenization.Tokenized:
     return bm25s.tokenize(texts, stopwords="en", stemmer=_stemmer(), show_progress=False)
 
 
+def lexical_text(text: str, metadata: dict[str, object]) -> str:
+    """What BM25 indexes for a chunk: its title and section, then its text."""
+    heading = " ".join(str(metadata.get(k) or "") for k in ("title", "section"))
+    return f"{heading}\n{text}"
+
+
+def query_tokens(query: str) -> list[str]:
+    """A question's tokens as bm25s sees them (stemmed, no stopwords)."""
+    return token_lists([query])[0]
+
+
+def token_lists(texts: list[str]) -> list[list[str]]:
+    """The stemmed, stopword-free tokens bm25s indexes, as strings (the Postgres store keeps
+    them so its full-text ranking matches this index's)."""
+    if not texts:
+        return []
+    tokens = bm25s.tokenize(
+        texts, stopwords="en", stemmer=_stemmer(), return_ids=False, show_progress=False
+    )
+    return [list(t) for t in tokens]
+
+
 def tokenize_query(query: str, vocab: dict[str, int]) -> list[list[str]]:
     tokens = bm25s.tokenize(
         [query], stopwords="en", stemmer=_stemmer(), return_ids=False, show_progress=False

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from docent import pg
 from docent.errors import EmptyIndexError, IndexBusyError, IndexMismatchError
 from ingest.chunking import Chunk
 from ingest.docstore import StoredChunk, StoredDocument
+from ingest.lexical_index import lexical_text, token_lists
 
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 64
@@ -64,9 +65,11 @@ CREATE TABLE IF NOT EXISTS docent_chunks (
     source text NOT NULL,
     collection text NOT NULL,
     section text NOT NULL,
-    heading text NOT NULL,
-    -- What BM25 sees in the embedded store: title and section, then the text.
-    tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', heading || ' ' || text)) STORED
+    -- What BM25 sees in the embedded store (title, section, text) as bm25s's stemmed tokens,
+    -- so full-text ranking here matches it; dl: their number (BM25's document length).
+    lexical text NOT NULL,
+    dl integer NOT NULL,
+    tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', lexical)) STORED
 );
 -- Document frequency of each lexeme, for BM25-style IDF weights in full-text ranking
 -- (ts_rank has none: "error" would weigh as much as "QF-1042"). Rebuilt by each refresh.
@@ -93,13 +96,11 @@ def _vector(value: Any) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
 
 
-def _filter_columns(metadata: dict[str, Any]) -> tuple[str, str, str, str]:
-    heading = " ".join(str(metadata.get(k) or "") for k in ("title", "section"))
+def _filter_columns(metadata: dict[str, Any]) -> tuple[str, str, str]:
     return (
         str(metadata.get("source", "")),
         str(metadata.get("collection", "default")),
         str(metadata.get("section") or ""),
-        heading,
     )
 
 
@@ -123,7 +124,7 @@ class PgDocStore:
 
     def __init__(self, conn: psycopg.Connection) -> None:
         self.conn = conn
-        self._pending: list[tuple[Any, ...]] = []
+        self._pending: list[tuple[Chunk, np.ndarray]] = []
 
     def transaction(self) -> AbstractContextManager[Any]:
         return _Flushing(self)
@@ -131,16 +132,30 @@ class PgDocStore:
     def flush(self) -> None:
         if not self._pending:
             return
-        rows, self._pending = self._pending, []
+        pending, self._pending = self._pending, []
+        tokens = token_lists([lexical_text(c.text, c.metadata) for c, _ in pending])
         with (
             self.conn.cursor() as cur,
             cur.copy(
                 "COPY docent_chunks (chunk_id, doc_id, idx, text, text_hash, metadata, embedding, "
-                "source, collection, section, heading) FROM STDIN"
+                "source, collection, section, lexical, dl) FROM STDIN"
             ) as copy,
         ):
-            for row in rows:
-                copy.write_row(row)
+            for (chunk, vector), words in zip(pending, tokens, strict=True):
+                copy.write_row(
+                    (
+                        chunk.chunk_id,
+                        chunk.doc_id,
+                        chunk.idx,
+                        chunk.text,
+                        chunk.text_hash,
+                        Jsonb(chunk.metadata),
+                        vector,
+                        *_filter_columns(chunk.metadata),
+                        " ".join(words),
+                        len(words),
+                    )
+                )
 
     def close(self) -> None:
         self.flush()
@@ -228,25 +243,16 @@ class PgDocStore:
 
     def insert_chunk(self, chunk: Chunk, vector: np.ndarray) -> int:
         """Buffered: the id is assigned when the buffer is written (callers do not use it)."""
-        self._pending.append(
-            (
-                chunk.chunk_id,
-                chunk.doc_id,
-                chunk.idx,
-                chunk.text,
-                chunk.text_hash,
-                Jsonb(chunk.metadata),
-                np.asarray(vector, dtype=np.float32),
-                *_filter_columns(chunk.metadata),
-            )
-        )
+        self._pending.append((chunk, np.asarray(vector, dtype=np.float32)))
         return 0
 
     def update_metadata(self, vector_id: int, metadata: dict[str, Any]) -> None:
         self.flush()
         self.conn.execute(
+            # Called for an unchanged embedded text (title and section included), so the
+            # lexical tokens are unchanged too: only metadata such as the page may have moved.
             "UPDATE docent_chunks SET metadata = %s, source = %s, collection = %s, "
-            "section = %s, heading = %s WHERE vector_id = %s",
+            "section = %s WHERE vector_id = %s",
             (Jsonb(metadata), *_filter_columns(metadata), vector_id),
         )
 
@@ -275,21 +281,40 @@ class _Flushing:
         self.tx.__exit__(exc_type, exc, tb)
 
 
-def ensure_schema(conn: psycopg.Connection, dim: int, vector_type: str) -> None:
-    """Create the tables (first refresh) or check they fit the embedder and vector type."""
+def ensure_schema(
+    conn: psycopg.Connection, dim: int, vector_type: str, rebuild: bool = False
+) -> bool:
+    """Create the tables (first refresh) or check they fit the embedder and vector type.
+    Returns False when they do not but ``rebuild`` may replace them (``recreate_chunks``)."""
     if tables_exist(conn):
         meta = read_meta(conn)
         built = (meta.get("dim"), meta.get("vector_type"))
-        if meta and built != (str(dim), vector_type):
-            raise IndexMismatchError(
-                f"the Postgres store holds {built[1]}({built[0]}) vectors but the settings ask "
-                f"for {vector_type}({dim}): set DOCENT_PG_VECTOR_TYPE={built[1]}, or re-create "
-                "the store with `docent ingest --rebuild PATH...`"
-            )
-        return
+        if built == (str(dim), vector_type):
+            return True
+        if rebuild:
+            return False
+        raise IndexMismatchError(
+            f"the Postgres store holds {built[1]}({built[0]}) vectors but the settings ask "
+            f"for {vector_type}({dim}): set DOCENT_PG_VECTOR_TYPE={built[1]} (or the embedder "
+            "it was built with), or re-create it with `docent ingest --rebuild PATH...`"
+        )
+    pg.create_tables(conn, TABLES.format(vtype=vector_type, dim=int(dim)))
+    _set_shape(conn, dim, vector_type)
+    return True
+
+
+def recreate_chunks(conn: psycopg.Connection, dim: int, vector_type: str) -> None:
+    """For a rebuild with another vector size or type, inside its transaction: readers keep
+    the old chunks until it commits (they wait on the table lock meanwhile)."""
+    conn.execute("DROP TABLE IF EXISTS docent_chunks, docent_lexemes")
     conn.execute(TABLES.format(vtype=vector_type, dim=int(dim)))
+    _set_shape(conn, dim, vector_type)
+
+
+def _set_shape(conn: psycopg.Connection, dim: int, vector_type: str) -> None:
     conn.execute(
-        "INSERT INTO docent_meta (key, value) VALUES ('dim', %s), ('vector_type', %s)",
+        "INSERT INTO docent_meta (key, value) VALUES ('dim', %s), ('vector_type', %s) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (str(dim), vector_type),
     )
 
@@ -302,8 +327,10 @@ def update_lexeme_stats(conn: psycopg.Connection) -> None:
         "SELECT word, ndoc FROM ts_stat('SELECT tsv FROM docent_chunks')"
     )
     conn.execute(
-        "INSERT INTO docent_meta (key, value) SELECT 'lexical_docs', count(*)::text "
-        "FROM docent_chunks ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        "INSERT INTO docent_meta (key, value) "
+        "SELECT 'lexical_docs', count(*)::text FROM docent_chunks UNION ALL "
+        "SELECT 'lexical_avgdl', coalesce(avg(dl), 1)::text FROM docent_chunks "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
     )
 
 
@@ -349,6 +376,7 @@ class PgKnowledgeStore:
     manifest: dict[str, Any]
     vector_type: str
     owns_pool: bool = False
+    _counts: dict[Any, int] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, pool: pg.Pool, owns_pool: bool = False) -> PgKnowledgeStore:
@@ -389,6 +417,19 @@ class PgKnowledgeStore:
                 ([int(i) for i in vector_ids],),
             )
             return {int(r[0]): stored_chunk(r) for r in rows}
+
+    def count(self, key: Any, where: str, params: dict[str, Any]) -> int:
+        """Chunks passing a filter (``where``: `` AND …`` conditions), counted once per
+        version: a version does not change, and a filter's size decides how it is searched."""
+        if key not in self._counts:
+            if len(self._counts) > 256:
+                self._counts.clear()
+            with self.pool.connection() as conn:
+                row = conn.execute(
+                    f"SELECT count(*) FROM docent_chunks WHERE true{where}", params
+                ).fetchone()
+            self._counts[key] = int(row[0]) if row else 0
+        return self._counts[key]
 
     def close(self) -> None:
         """Closes the pool only if this handle made it (a retriever shares one across

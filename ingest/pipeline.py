@@ -26,7 +26,7 @@ from ingest import store as kstore
 from ingest.chunking import Chunk, Chunker
 from ingest.docstore import DocStore, StoredDocument
 from ingest.embedder import Embedder
-from ingest.lexical_index import LexicalIndex
+from ingest.lexical_index import LexicalIndex, lexical_text
 from ingest.pg_store import PgDocStore
 from ingest.readers import UnreadableFileError, is_supported, read_file
 
@@ -226,7 +226,7 @@ def _refresh_postgres(run: _Run, roots: list[Path], collection: str, rebuild: bo
     try:
         with pg_store.RefreshLock(conn, settings.store):
             with conn.transaction():
-                pg_store.ensure_schema(conn, run.embedder.dim, vtype)
+                fits = pg_store.ensure_schema(conn, run.embedder.dim, vtype, rebuild)
             db = PgDocStore(conn)
             meta = pg_store.read_meta(conn)
             if not rebuild:
@@ -236,6 +236,8 @@ def _refresh_postgres(run: _Run, roots: list[Path], collection: str, rebuild: bo
                 # HNSW graph once after the load. Only into an empty table, though: dropping
                 # the index locks the table, which would stall the readers of a live store
                 # (a rebuild of one keeps the index and updates it row by row instead).
+                if not fits:  # a rebuild to another vector size or type
+                    pg_store.recreate_chunks(conn, run.embedder.dim, vtype)
                 first = db.count_chunks() == 0
                 if rebuild:
                     db.delete_all()
@@ -435,7 +437,7 @@ def _write_indexes(run: _Run, db: DocStore, staging: Path, live: Path | None, nu
     vector_index.write_index(index, staging / kstore.VECTORS)
     texts, lex_ids = [], []
     for chunk in db.iter_chunks():
-        texts.append(_lexical_text(chunk.text, chunk.metadata))
+        texts.append(lexical_text(chunk.text, chunk.metadata))
         lex_ids.append(chunk.vector_id)
     LexicalIndex.build(texts, np.asarray(lex_ids, dtype=np.int64)).save(staging / kstore.LEXICAL)
     run.progress("index", 1, 1)
@@ -444,11 +446,6 @@ def _write_indexes(run: _Run, db: DocStore, staging: Path, live: Path | None, nu
     run.report.total_chunks = int(len(ids))
     run.report.documents = int(manifest["n_documents"])  # type: ignore[call-overload]
     run.report.index_type = kind
-
-
-def _lexical_text(text: str, metadata: dict[str, object]) -> str:
-    heading = " ".join(str(metadata.get(k) or "") for k in ("title", "section"))
-    return f"{heading}\n{text}"
 
 
 def _updated_index(live: Path | None, kind: str, ids: np.ndarray, vectors: np.ndarray, dim: int):  # type: ignore[no-untyped-def]

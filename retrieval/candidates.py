@@ -12,9 +12,23 @@ import numpy as np
 
 from ingest import vector_index
 from ingest.docstore import StoredChunk
+from ingest.lexical_index import query_tokens
 from ingest.pg_store import CHUNK_COLUMNS, PgKnowledgeStore, stored_chunk
 from ingest.store import KnowledgeStore
 from retrieval.filters import Filters
+
+# bm25s's defaults, so both stores rank full-text matches alike.
+BM25_K1 = 1.5
+BM25_B = 0.75
+# A lexeme in more chunks than this does not select rows unless it is the query's rarest (and
+# then only this many); it still scores the rows others select. Common lexemes weigh little
+# (low IDF), but selecting every row that holds one would read much of the table.
+COMMON_TERM_ROWS = 2000
+# A filter leaving at most this many chunks is searched exactly (each distance read from the
+# heap: ~3 us a row on 2 cores, bench/store.py); larger ones walk the HNSW graph.
+PG_EXACT_FILTER_LIMIT = 5000
+# Rows per wanted candidate that the full-text search scores exactly (see _postgres).
+SHORTLIST = 4
 
 
 @dataclass
@@ -104,12 +118,17 @@ def _postgres(
     if qvec is not None:
         params["q"] = np.asarray(qvec, dtype=np.float32).reshape(-1)
         vtype = store.vector_type
-        # The filter sits in the scan: with hnsw.iterative_scan = relaxed_order (docent.pg)
-        # the index keeps walking until k rows pass. Relaxed order: the rows are re-sorted.
+        # A filter sits in the scan: with hnsw.iterative_scan = relaxed_order (docent.pg)
+        # the index keeps walking until k rows pass (relaxed order: rows are re-sorted). A
+        # filter that leaves few chunks is searched exactly instead, as in the embedded store:
+        # the graph walk finds those few poorly, and scoring them all is cheap. "+ 0" keeps
+        # the planner off the HNSW index for that.
+        exact = bool(where) and (store.count(flt, where, params) <= PG_EXACT_FILTER_LIMIT)
+        order = f"(embedding <=> %(q)s::{vtype}){' + 0' if exact else ''}"
         ctes.append(
             "dense AS MATERIALIZED (SELECT vector_id, "
             f"embedding <=> %(q)s::{vtype} AS distance FROM docent_chunks "
-            f"WHERE true{where} ORDER BY embedding <=> %(q)s::{vtype} LIMIT %(k)s)"
+            f"WHERE true{where} ORDER BY {order} LIMIT %(k)s)"
         )
         sources.append("SELECT vector_id FROM dense")
         joins.append("LEFT JOIN dense d USING (vector_id)")
@@ -117,23 +136,51 @@ def _postgres(
     else:
         scores.append("NULL::float8")
     if lexical:
-        params["t"] = query
-        # BM25-like: a chunk scores the IDF of each query lexeme it contains (binary term
-        # frequency), so a rare error code outweighs common words; the GIN index finds the
-        # chunks holding each lexeme. ts_rank alone has no IDF.
+        # BM25 as bm25s computes it (same tokens, IDF, k1, b), over a tsvector of bm25s's
+        # tokens: document frequencies from the lexeme statistics each refresh keeps, term
+        # frequency from the lexeme's positions, length from the token count. (Postgres's own
+        # ts_rank has no IDF: "error" would weigh as much as "QF-1042".)
+        # Only the rarer query lexemes select rows (each found through the GIN index): a very
+        # common one alone would make every search read much of the table for a few points.
+        params.update(k1=BM25_K1, b=BM25_B, common=COMMON_TERM_ROWS)
         ctes.append(
-            "terms AS MATERIALIZED (SELECT quote_literal(q.lexeme)::tsquery AS tq, "
-            "ln(1 + (n.total - coalesce(s.ndoc, 0) + 0.5) / (coalesce(s.ndoc, 0) + 0.5)) AS idf "
-            "FROM unnest(to_tsvector('english', %(t)s)) q "
-            "LEFT JOIN docent_lexemes s ON s.lexeme = q.lexeme "
-            "CROSS JOIN (SELECT value::float8 AS total FROM docent_meta "
-            "WHERE key = 'lexical_docs') n)"
+            "stats AS (SELECT max(value) FILTER (WHERE key = 'lexical_docs')::float8 AS n, "
+            "max(value) FILTER (WHERE key = 'lexical_avgdl')::float8 AS avgdl "
+            "FROM docent_meta WHERE key IN ('lexical_docs', 'lexical_avgdl'))"
+        )
+        params["terms"] = query_tokens(query)
+        params["shortlist"] = SHORTLIST * pool
+        ctes.append(
+            "terms AS MATERIALIZED (SELECT lexeme, quote_literal(lexeme)::tsquery AS tq, "
+            "ln(1 + (st.n - df + 0.5) / (df + 0.5)) AS idf, "
+            "(df <= %(common)s OR rarity = 1) AS selects FROM ("
+            "SELECT q.lexeme, coalesce(s.ndoc, 0) AS df, "
+            "row_number() OVER (ORDER BY coalesce(s.ndoc, 0), q.lexeme) AS rarity "
+            "FROM unnest(%(terms)s::text[]) q (lexeme) "
+            "LEFT JOIN docent_lexemes s ON s.lexeme = q.lexeme) w, stats st WHERE w.df > 0)"
+        )
+        # Two steps, so the exact term frequencies (read from each row's tsvector) are
+        # computed for a short list only: rows found by the selecting lexemes (at most
+        # COMMON_TERM_ROWS each), ranked by BM25 with tf = 1, then the best scored in full.
+        ctes.append(
+            "found AS MATERIALIZED (SELECT m.vector_id, sum(t.idf) AS idf FROM terms t "
+            "CROSS JOIN LATERAL (SELECT c.vector_id FROM docent_chunks c WHERE c.tsv @@ t.tq"
+            f"{_filter_sql(flt, params, 'c.')} LIMIT %(common)s) m "
+            "WHERE t.selects GROUP BY m.vector_id)"
         )
         ctes.append(
-            "lex AS MATERIALIZED (SELECT c.vector_id, sum(t.idf) AS score "
-            "FROM terms t JOIN docent_chunks c ON c.tsv @@ t.tq "
-            f"WHERE true{_filter_sql(flt, params, 'c.')} "
-            "GROUP BY c.vector_id ORDER BY score DESC, c.vector_id LIMIT %(k)s)"
+            "shortlist AS MATERIALIZED (SELECT c.vector_id, c.tsv, c.dl FROM found f "
+            "JOIN docent_chunks c USING (vector_id), stats st "
+            "ORDER BY f.idf / (1 + %(k1)s * (1 - %(b)s + %(b)s * c.dl / st.avgdl)) DESC, "
+            "c.vector_id LIMIT %(shortlist)s)"
+        )
+        ctes.append(
+            "lex AS MATERIALIZED (SELECT l.vector_id, sum(t.idf * f.tf * (%(k1)s + 1) / "
+            "(f.tf + %(k1)s * (1 - %(b)s + %(b)s * l.dl / st.avgdl))) AS score "
+            "FROM shortlist l JOIN terms t ON l.tsv @@ t.tq "
+            "CROSS JOIN LATERAL (SELECT cardinality(u.positions)::float8 AS tf "
+            "FROM unnest(l.tsv) u WHERE u.lexeme = t.lexeme) f, stats st "
+            "GROUP BY l.vector_id ORDER BY score DESC, l.vector_id LIMIT %(k)s)"
         )
         sources.append("SELECT vector_id FROM lex")
         joins.append("LEFT JOIN lex l USING (vector_id)")

@@ -190,9 +190,7 @@ class HFEngine(Engine):
             # Lock per batch, not per call: a long RAFT build lets streaming batches in
             # between its own.
             with self._model_lock:
-                completions = self._run(
-                    [requests[i] for i in batch], [prompts[i] for i in batch]
-                )
+                completions = self._run([requests[i] for i in batch], [prompts[i] for i in batch])
             for i, completion in zip(batch, completions, strict=True):
                 results[i] = completion
             start += len(batch)
@@ -318,7 +316,9 @@ class HFEngine(Engine):
                 prompts = [self._prompt(job.request) for job in jobs]
                 streamer = streamer_cls(self.tokenizer, jobs, states, self._end_ids)
                 completions = self._run(
-                    [job.request for job in jobs], prompts, streamer=streamer,
+                    [job.request for job in jobs],
+                    prompts,
+                    streamer=streamer,
                     stopping=[cancel_cls(jobs)],
                 )
         except Exception as exc:
@@ -372,8 +372,9 @@ class HFEngine(Engine):
             from transformers import LogitsProcessorList
 
             vocab = self._token_texts()
-            guards = [QuoteGuard(vocab, r.quote_sources) if r.quote_sources else None
-                      for r in requests]
+            guards = [
+                QuoteGuard(vocab, r.quote_sources) if r.quote_sources else None for r in requests
+            ]
             kwargs["logits_processor"] = LogitsProcessorList(
                 [HFQuoteProcessor(guards, inputs["input_ids"].shape[1])]
             )

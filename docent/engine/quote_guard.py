@@ -62,7 +62,7 @@ class TokenTexts:
 
     def end_id(self, marker: str) -> int:
         """The first token of what is left of the closing marker after ``marker``."""
-        rest = END_QUOTE[len(marker):] if END_QUOTE.startswith(marker) else END_QUOTE
+        rest = END_QUOTE[len(marker) :] if END_QUOTE.startswith(marker) else END_QUOTE
         ids = self.tokenizer.encode(rest or END_QUOTE, add_special_tokens=False)
         return int(ids[0])
 
@@ -83,7 +83,7 @@ def open_quote(text: str) -> tuple[str, str | None] | None:
     start = text.rfind(BEGIN_QUOTE)
     if start < 0:
         return None
-    tail = text[start + len(BEGIN_QUOTE):]
+    tail = text[start + len(BEGIN_QUOTE) :]
     cut = tail.find(CLOSE)
     if cut < 0:
         return tail, None
@@ -112,7 +112,9 @@ class QuoteGuard:
         if cut >= 0:  # the token (with the quote's last character) starts the closing marker
             body = squash(joined[:cut])
             return (
-                len(body) >= 3 and body in self.haystack and any(c.isalnum() for c in body)
+                len(body) >= 3
+                and body in self.haystack
+                and any(c.isalnum() for c in body)
                 and _marks_end(joined[cut:])
             )
         if not token_text.strip() and (not quote.strip() or quote[-1].isspace()):
@@ -137,7 +139,7 @@ class QuoteGuard:
         encode = self.vocab.tokenizer.encode
         ids: list[int] = []
         for start in starts[:MAX_PLACES]:
-            ahead = self.haystack[start:start + 24].split("\x00")[0]
+            ahead = self.haystack[start : start + 24].split("\x00")[0]
             if ahead:
                 ids.append(int(encode(ahead, add_special_tokens=False)[0]))
         return list(dict.fromkeys(ids))
@@ -155,14 +157,18 @@ class QuoteGuard:
         texts = self.vocab.texts
         usable = min(logits.shape[-1], len(texts))
         if marker is None:
+
             def fits(i: int) -> bool:
                 return self.allows(quote, texts[i])
+
             fallback = self.vocab.close_id  # nothing in reach continues the quote: close it
             if not squash(quote):
                 fallback = -1  # an empty quote stays unguarded rather than loop on a dead end
         else:
+
             def fits(i: int) -> bool:
                 return bool(texts[i]) and _marks_end(marker + texts[i])
+
             fallback = self.vocab.end_id(marker)
         top = torch.topk(logits[:usable], min(TOP_N, usable)).indices.tolist()
         allowed = [i for i in top if fits(i)]
@@ -190,7 +196,7 @@ class HFQuoteProcessor:
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         for row, guard in enumerate(self.guards):
             if guard is not None:
-                scores[row] = guard(input_ids[row, self.prompt_len:].tolist(), scores[row])
+                scores[row] = guard(input_ids[row, self.prompt_len :].tolist(), scores[row])
         return scores
 
 

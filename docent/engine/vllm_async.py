@@ -66,8 +66,14 @@ class AsyncVLLMEngine(Engine):
         """Load the model (tens of seconds). Binds to the running event loop if there is one;
         see the module docstring for the other cases."""
         options = engine_options(
-            model_path, max_model_len, kv_cache_gib, enable_lora, max_lora_rank, dtype,
-            max_num_batched_tokens, enforce_eager,
+            model_path,
+            max_model_len,
+            kv_cache_gib,
+            enable_lora,
+            max_lora_rank,
+            dtype,
+            max_num_batched_tokens,
+            enforce_eager,
         )
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs

@@ -119,8 +119,14 @@ class VLLMEngine(Engine):
         enforce_eager: bool = False,
     ) -> None:
         options = engine_options(
-            model_path, max_model_len, kv_cache_gib, enable_lora, max_lora_rank, dtype,
-            max_num_batched_tokens, enforce_eager,
+            model_path,
+            max_model_len,
+            kv_cache_gib,
+            enable_lora,
+            max_lora_rank,
+            dtype,
+            max_num_batched_tokens,
+            enforce_eager,
         )
         try:
             from vllm import LLM
@@ -179,8 +185,10 @@ class VLLMEngine(Engine):
                 # Token ids rendered by the same chat_prompt training uses (not vLLM's own
                 # template rendering), so the served prompt is the trained one to the token.
                 outputs = self.llm.generate(
-                    [{"prompt_token_ids": prompt_ids(self.tokenizer, requests[i].messages)}
-                     for i in idx],
+                    [
+                        {"prompt_token_ids": prompt_ids(self.tokenizer, requests[i].messages)}
+                        for i in idx
+                    ],
                     [self._params(requests[i]) for i in idx],
                     lora_request=lora,
                     use_tqdm=False,

@@ -371,3 +371,24 @@ def test_full_disk_during_refresh_keeps_the_old_index(tmp_path, small_disk, embe
     retry = refresh_index([corpus], settings, embedder=embedder)
     assert retry.published and retry.added == 1
     assert _top_sources(settings, "When is the museum closed?", embedder)[0] == "museum.md"
+
+
+def test_postgres_vector_type_change_needs_a_rebuild(tmp_path, embedder, request):
+    """halfvec is chosen before the first ingest; switching later is a --rebuild, which
+    re-creates the vectors in one transaction (the old ones answer until it commits)."""
+    from docent.errors import IndexMismatchError as Mismatch
+
+    corpus = write_corpus(tmp_path / "docs", CORPUS)
+    settings = settings_on("postgres", request, workspace=tmp_path / "ws")
+    first = refresh_index([corpus], settings, embedder=embedder)
+    half = settings.with_overrides(pg_vector_type="halfvec")
+    with pytest.raises(Mismatch, match="DOCENT_PG_VECTOR_TYPE=vector"):
+        refresh_index([corpus], half, embedder=embedder)
+    assert live_version(settings) == "v000001"  # nothing lost
+    rebuilt = refresh_index([corpus], half, embedder=embedder, rebuild=True)
+    assert rebuilt.published and rebuilt.total_chunks == first.total_chunks
+    assert rebuilt.index_type == "pgvector-hnsw-halfvec" and rebuilt.version == "v000002"
+    store = _consistent(half)
+    assert store.vector_type == "halfvec"
+    store.close()
+    assert _top_sources(half, "Who keeps the Varrow lighthouse?", embedder)[0] == "lighthouse.md"

@@ -2,15 +2,19 @@
 workspace folder, as behind a load balancer: the same questions get the same context from
 either, a refresh started on one is a job the other can read, and while it runs no answer
 mixes the old index with the new one; once it is committed neither replica answers from the
-old one. The remote LLM is fake_llm.py, the one part here we do not own."""
+old one. Then one replica is SIGKILLed in the middle of a refresh: the other keeps answering
+from the last committed index, can refresh at once (the lock died with the killed one's
+session), and the restarted replica reports its job as interrupted. The remote LLM is
+fake_llm.py, the one part here we do not own."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import signal
 import time
 
 import httpx
-from test_faults import ACME, REFUND, docent_serve, fake_llm
+from test_faults import ACME, REFUND, docent_serve, fake_llm, wait_for
 
 from conftest import free_port, write_corpus
 
@@ -50,7 +54,7 @@ def test_two_replicas_answer_consistently_during_a_refresh(tmp_path, embedder, p
     env = {"DOCENT_STORE": pg_url}
     with (
         fake_llm(llm_port, tmp_path, delay=0.0),
-        docent_serve(tmp_path / "ws-a", port_a, llm_port, tmp_path, **env),
+        docent_serve(tmp_path / "ws-a", port_a, llm_port, tmp_path, **env) as server_a,
         docent_serve(tmp_path / "ws-b", port_b, llm_port, tmp_path, **env),
     ):
         for question in (REFUND, SHIPPING):
@@ -98,4 +102,34 @@ def test_two_replicas_answer_consistently_during_a_refresh(tmp_path, embedder, p
             while httpx.get(f"{api}/readyz").json()["index_version"] != "v000002":
                 assert time.monotonic() < deadline, f"{api} still reports the old version"
                 time.sleep(0.5)
-    print(f"answers during the refresh: {seen.count('old')} old, {seen.count('new')} new")
+        print(f"answers during the refresh: {seen.count('old')} old, {seen.count('new')} new")
+
+        # Replica A dies (SIGKILL) while it refreshes 60 new notes; B is not affected.
+        write_corpus(corpus, NOTES)
+        killed = httpx.post(f"{a}/v1/index/refresh", json={"paths": ["corpus"]}).json()
+        wait_for(lambda: "embed" in httpx.get(f"{b}/v1/jobs/{killed['id']}").json()["progress"])
+        server_a.send_signal(signal.SIGKILL)
+        server_a.wait()
+        context = _context(_ask(b, REFUND))
+        assert _version(context) == "new" and not any(s.startswith("notes/") for s in context)
+        redo = httpx.post(f"{b}/v1/index/refresh", json={"paths": ["corpus"]}).json()
+        done = wait_for(lambda: _finished(b, redo["id"]), timeout=300)
+        assert done["state"] == "succeeded" and done["result"]["added"] >= len(NOTES), done
+        with docent_serve(tmp_path / "ws-a", port_a, llm_port, tmp_path, **env):
+            job = httpx.get(f"{a}/v1/jobs/{killed['id']}").json()
+            assert job["state"] == "failed" and "interrupted" in job["error"], job
+            ready = [httpx.get(f"{api}/readyz").json() for api in (a, b)]
+            assert ready[0]["index_version"] == ready[1]["index_version"] == "v000003"
+            assert ready[0]["chunks"] == ready[1]["chunks"] > 3 + len(NOTES)
+
+
+NOTES = {
+    f"notes/note{n:03d}.md": f"# Note {n}\n\n"
+    + " ".join(f"Acme warehouse {n} stores crate {n}-{m} on shelf {m}." for m in range(40))
+    for n in range(40)
+}
+
+
+def _finished(api: str, job_id: str) -> dict | None:
+    job = httpx.get(f"{api}/v1/jobs/{job_id}", timeout=10).json()
+    return job if job["state"] in ("succeeded", "failed") else None
