@@ -89,6 +89,7 @@ serve: setup
 bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/search.py
+	$(BIN)/python bench/store.py
 	$(BIN)/python bench/raft_build.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/serve.py

@@ -3,7 +3,7 @@
 One place opens them, so every user (the knowledge store, the API's serving state, jobs)
 gets the same settings: autocommit (transactions are explicit, ``with conn.transaction()``),
 pgvector's types registered, and pgvector 0.8's iterative index scans on so a filtered
-vector search still returns k rows.
+vector search keeps walking the graph for k rows (up to pgvector's ``hnsw.max_scan_tuples``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ SCHEMA_LOCK = 0x646F63656E74_02  # "docent" + 2: creating tables (see create_tab
 
 
 def _configure(conn: psycopg.Connection, ef_search: int) -> None:
-    conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    present = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone()
+    if not present:  # once per database; every later connection only checks
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
     register_vector(conn)
     # relaxed_order: the HNSW scan keeps going until the filter has let k rows through
     # (pgvector >= 0.8); the search re-sorts the few rows it returns.
@@ -73,6 +75,8 @@ class Pool:
                     max_size=self._max,
                     kwargs={"autocommit": True},
                     configure=lambda c: _configure(c, self._ef_search),
+                    # A connection that died (e.g. the server restarted) is replaced, not lent.
+                    check=ConnectionPool.check_connection,
                     open=True,
                 )
             return self._pool

@@ -182,7 +182,7 @@ class DocStore:
                 chunk.text_hash,
                 json.dumps(chunk.metadata, ensure_ascii=False),
                 np.asarray(vector, dtype=np.float32).tobytes(),
-                *_filter_columns(chunk.metadata),
+                *filter_columns(chunk.metadata),
             ),
         )
         return int(cur.lastrowid or 0)
@@ -192,7 +192,7 @@ class DocStore:
         self.conn.execute(
             "UPDATE chunks SET metadata = ?, source = ?, collection = ?, section = ? "
             "WHERE vector_id = ?",
-            (json.dumps(metadata, ensure_ascii=False), *_filter_columns(metadata), vector_id),
+            (json.dumps(metadata, ensure_ascii=False), *filter_columns(metadata), vector_id),
         )
 
     def count_chunks(self) -> int:
@@ -232,7 +232,7 @@ class DocStore:
         return out
 
 
-def _filter_columns(metadata: dict[str, Any]) -> tuple[str, str, str]:
+def filter_columns(metadata: dict[str, Any]) -> tuple[str, str, str]:
     return (
         str(metadata.get("source", "")),
         str(metadata.get("collection", "default")),

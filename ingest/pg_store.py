@@ -30,7 +30,7 @@ from psycopg.types.json import Jsonb
 from docent import pg
 from docent.errors import EmptyIndexError, IndexBusyError, IndexMismatchError
 from ingest.chunking import Chunk
-from ingest.docstore import StoredChunk, StoredDocument
+from ingest.docstore import StoredChunk, StoredDocument, filter_columns
 from ingest.lexical_index import lexical_text, token_lists
 
 HNSW_M = 16
@@ -96,12 +96,15 @@ def _vector(value: Any) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
 
 
-def _filter_columns(metadata: dict[str, Any]) -> tuple[str, str, str]:
-    return (
-        str(metadata.get("source", "")),
-        str(metadata.get("collection", "default")),
-        str(metadata.get("section") or ""),
-    )
+def _no_nul(value: Any) -> Any:
+    """Postgres text and jsonb cannot hold U+0000, which SQLite stores and some PDFs yield."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_no_nul(k): _no_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nul(v) for v in value]
+    return value
 
 
 def tables_exist(conn: psycopg.Connection) -> bool:
@@ -119,12 +122,15 @@ class PgDocStore:
     """The docstore interface of ``ingest.docstore.DocStore`` on Postgres tables, so
     ``ingest.pipeline`` applies a refresh to either store with the same code.
 
-    New chunks are buffered and written with COPY when anything else is asked (or at the end
-    of the transaction): one round trip per chunk would dominate a large ingest."""
+    New chunks are buffered and written with COPY before anything is read (or at the end of
+    the transaction): one round trip per chunk would dominate a large ingest. Writes need not
+    wait for them: deletes and updates name rows that exist, and a chunk's document row is
+    written before its chunks are inserted."""
 
     def __init__(self, conn: psycopg.Connection) -> None:
         self.conn = conn
         self._pending: list[tuple[Chunk, np.ndarray]] = []
+        self._pending_docs: set[str] = set()
 
     def transaction(self) -> AbstractContextManager[Any]:
         return _Flushing(self)
@@ -133,6 +139,7 @@ class PgDocStore:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        self._pending_docs.clear()
         tokens = token_lists([lexical_text(c.text, c.metadata) for c, _ in pending])
         with (
             self.conn.cursor() as cur,
@@ -147,15 +154,20 @@ class PgDocStore:
                         chunk.chunk_id,
                         chunk.doc_id,
                         chunk.idx,
-                        chunk.text,
+                        _no_nul(chunk.text),
                         chunk.text_hash,
-                        Jsonb(chunk.metadata),
+                        Jsonb(_no_nul(chunk.metadata)),
                         vector,
-                        *_filter_columns(chunk.metadata),
+                        *filter_columns(chunk.metadata),
                         " ".join(words),
                         len(words),
                     )
                 )
+
+    def discard(self) -> None:
+        """Forget the buffered chunks (their transaction is rolled back)."""
+        self._pending.clear()
+        self._pending_docs.clear()
 
     def close(self) -> None:
         self.flush()
@@ -182,7 +194,6 @@ class PgDocStore:
         return {r[0]: StoredDocument(*r) for r in rows}
 
     def upsert_document(self, doc: StoredDocument, updated_at: str) -> None:
-        self.flush()
         self.conn.execute(
             "INSERT INTO docent_documents (doc_id, path, source, collection, fingerprint, "
             "title, n_chunks, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
@@ -203,7 +214,8 @@ class PgDocStore:
         )
 
     def delete_document(self, doc_id: str) -> list[int]:
-        self.flush()
+        if doc_id in self._pending_docs:
+            self.flush()
         rows = self.conn.execute(
             "DELETE FROM docent_chunks WHERE doc_id = %s RETURNING vector_id", (doc_id,)
         ).fetchall()
@@ -211,13 +223,13 @@ class PgDocStore:
         return [int(r[0]) for r in rows]
 
     def delete_all(self) -> None:
-        self.flush()
         self.conn.execute("DELETE FROM docent_chunks")
         self.conn.execute("DELETE FROM docent_documents")
 
     # chunks
     def chunk_hashes(self, doc_id: str) -> dict[int, tuple[int, str]]:
-        self.flush()
+        if doc_id in self._pending_docs:  # else one COPY per document of a refresh
+            self.flush()
         rows = self.conn.execute(
             "SELECT idx, vector_id, text_hash FROM docent_chunks WHERE doc_id = %s", (doc_id,)
         )
@@ -234,7 +246,6 @@ class PgDocStore:
         return {h: _vector(v) for h, v in rows}
 
     def delete_chunks(self, vector_ids: list[int]) -> None:
-        self.flush()
         if vector_ids:
             self.conn.execute(
                 "DELETE FROM docent_chunks WHERE vector_id = ANY(%s)",
@@ -244,16 +255,16 @@ class PgDocStore:
     def insert_chunk(self, chunk: Chunk, vector: np.ndarray) -> int:
         """Buffered: the id is assigned when the buffer is written (callers do not use it)."""
         self._pending.append((chunk, np.asarray(vector, dtype=np.float32)))
+        self._pending_docs.add(chunk.doc_id)
         return 0
 
     def update_metadata(self, vector_id: int, metadata: dict[str, Any]) -> None:
-        self.flush()
         self.conn.execute(
             # Called for an unchanged embedded text (title and section included), so the
             # lexical tokens are unchanged too: only metadata such as the page may have moved.
             "UPDATE docent_chunks SET metadata = %s, source = %s, collection = %s, "
             "section = %s WHERE vector_id = %s",
-            (Jsonb(metadata), *_filter_columns(metadata), vector_id),
+            (Jsonb(_no_nul(metadata)), *filter_columns(_no_nul(metadata)), vector_id),
         )
 
     def count_chunks(self) -> int:
@@ -275,9 +286,14 @@ class _Flushing:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
-            self.db.flush()
+            try:
+                self.db.flush()
+            except BaseException as error:  # the COPY failed: roll back, and say why
+                self.db.discard()
+                self.tx.__exit__(type(error), error, error.__traceback__)
+                raise
         else:
-            self.db._pending.clear()
+            self.db.discard()
         self.tx.__exit__(exc_type, exc, tb)
 
 
@@ -304,8 +320,9 @@ def ensure_schema(
 
 
 def recreate_chunks(conn: psycopg.Connection, dim: int, vector_type: str) -> None:
-    """For a rebuild with another vector size or type, inside its transaction: readers keep
-    the old chunks until it commits (they wait on the table lock meanwhile)."""
+    """For a rebuild with another vector size or type, inside its transaction. Readers on
+    every replica wait on the table lock until it commits (they see no half-built store, but
+    searches stall for the whole rebuild: do it when a pause is acceptable)."""
     conn.execute("DROP TABLE IF EXISTS docent_chunks, docent_lexemes")
     conn.execute(TABLES.format(vtype=vector_type, dim=int(dim)))
     _set_shape(conn, dim, vector_type)
@@ -344,7 +361,8 @@ def create_vector_index(conn: psycopg.Connection, vector_type: str) -> None:
 
 
 class RefreshLock:
-    """``pg_try_advisory_lock`` on a dedicated connection: one refresh across all replicas."""
+    """``pg_try_advisory_lock`` on the refresh's connection: one refresh across all replicas;
+    the server drops it with that connection if the process dies."""
 
     def __init__(self, conn: psycopg.Connection, url: str) -> None:
         self.conn = conn
@@ -438,7 +456,14 @@ class PgKnowledgeStore:
             self.pool.close()
 
 
-def live_version(url: str) -> str | None:
+def committed_version(conn: psycopg.Connection) -> str | None:
     """The committed refresh's version name, or None when nothing was ingested yet."""
+    if not tables_exist(conn):
+        return None
+    row = conn.execute("SELECT value FROM docent_meta WHERE key = 'version'").fetchone()
+    return row[0] if row else None
+
+
+def live_version(url: str) -> str | None:
     with pg.connect(url) as conn:
-        return read_meta(conn).get("version")
+        return committed_version(conn)

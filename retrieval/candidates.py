@@ -148,16 +148,18 @@ def _postgres(
             "max(value) FILTER (WHERE key = 'lexical_avgdl')::float8 AS avgdl "
             "FROM docent_meta WHERE key IN ('lexical_docs', 'lexical_avgdl'))"
         )
-        params["terms"] = query_tokens(query)
+        # Parsed by the same to_tsvector as the chunks' tokens (it splits "max_file_mb" as
+        # it split them); a lexeme no chunk holds cannot match, so it is left out.
+        params["terms"] = " ".join(query_tokens(query))
         params["shortlist"] = SHORTLIST * pool
         ctes.append(
             "terms AS MATERIALIZED (SELECT lexeme, quote_literal(lexeme)::tsquery AS tq, "
-            "ln(1 + (st.n - df + 0.5) / (df + 0.5)) AS idf, "
+            "times * ln(1 + (st.n - df + 0.5) / (df + 0.5)) AS idf, "
             "(df <= %(common)s OR rarity = 1) AS selects FROM ("
-            "SELECT q.lexeme, coalesce(s.ndoc, 0) AS df, "
-            "row_number() OVER (ORDER BY coalesce(s.ndoc, 0), q.lexeme) AS rarity "
-            "FROM unnest(%(terms)s::text[]) q (lexeme) "
-            "LEFT JOIN docent_lexemes s ON s.lexeme = q.lexeme) w, stats st WHERE w.df > 0)"
+            "SELECT q.lexeme, cardinality(q.positions) AS times, s.ndoc AS df, "
+            "row_number() OVER (ORDER BY s.ndoc, q.lexeme) AS rarity "
+            "FROM unnest(to_tsvector('simple', %(terms)s)) q "
+            "JOIN docent_lexemes s ON s.lexeme = q.lexeme) w, stats st)"
         )
         # Two steps, so the exact term frequencies (read from each row's tsvector) are
         # computed for a short list only: rows found by the selecting lexemes (at most
@@ -175,7 +177,7 @@ def _postgres(
             "c.vector_id LIMIT %(shortlist)s)"
         )
         ctes.append(
-            "lex AS MATERIALIZED (SELECT l.vector_id, sum(t.idf * f.tf * (%(k1)s + 1) / "
+            "lex AS MATERIALIZED (SELECT l.vector_id, sum(t.idf * f.tf / "
             "(f.tf + %(k1)s * (1 - %(b)s + %(b)s * l.dl / st.avgdl))) AS score "
             "FROM shortlist l JOIN terms t ON l.tsv @@ t.tq "
             "CROSS JOIN LATERAL (SELECT cardinality(u.positions)::float8 AS tf "

@@ -15,8 +15,10 @@ from docent import pg
 from docent.errors import ConfigError, IndexMismatchError
 from docent.settings import DocentSettings, SearchMode
 from docent.workspace import Workspace
+from ingest import pg_store
 from ingest.docstore import StoredChunk
 from ingest.embedder import Embedder
+from ingest.store import current_version
 from ingest.stores import AnyStore, open_store
 from retrieval import candidates
 from retrieval.filters import Filters
@@ -100,6 +102,15 @@ class Retriever:
     def version(self) -> str:
         return self.store.version
 
+    def latest_version(self) -> str | None:
+        """The newest published version's name (None: none yet), read cheaply: serving polls
+        it every few seconds to decide whether to ``reload()``."""
+        if self._pg is not None:
+            with self._pg.connection() as conn:
+                return pg_store.committed_version(conn)
+        folder = current_version(self.index_dir)
+        return folder.name if folder else None
+
     def reload(self) -> bool:
         """Open the newest published version if it changed. Returns whether it switched."""
         fresh = open_store(self.settings, self._pg)
@@ -142,8 +153,9 @@ class Retriever:
         filters: Filters | None = None,
         rerank: bool | None = None,
     ) -> list[Hit]:
-        """The ``k`` best chunks for ``query``, best first. A query started before a
-        ``reload()`` finishes on the version it started with."""
+        """The ``k`` best chunks for ``query``, best first. On the embedded store a query
+        started before a ``reload()`` finishes on the version it started with; on Postgres
+        each search is one statement, so it reads one committed version, the newest."""
         with self._using() as store:
             return self._search(store, query, k, mode, filters, rerank)
 
@@ -228,6 +240,7 @@ class Retriever:
             self._pg.close()
 
     def iter_chunks(self) -> Iterator[StoredChunk]:
-        """Every chunk of the version in use, in id order (eval and RAFT read the corpus)."""
+        """Every chunk, in id order (eval and RAFT read the corpus): of the version in use
+        on the embedded store, of the committed state on Postgres."""
         with self._using() as store:
             yield from store.iter_chunks()

@@ -96,8 +96,8 @@ class JobManager:
     def submit(self, kind: str, params: dict[str, Any], fn: JobFn) -> Job:
         job = Job(id=f"job_{uuid.uuid4().hex[:16]}", kind=kind, params=params)
         with self.lock:
+            self.book.save(job)  # first: a job the book refused never runs (the caller sees why)
             self.live[job.id] = job
-            self.book.save(job)
         self.pool.submit(self._run, job, fn)
         return job
 
@@ -115,10 +115,10 @@ class JobManager:
                     except Exception as exc:  # noqa: BLE001 - the job goes on; the next write may pass
                         log.warning("could not record the progress of job %s: %s", job.id, exc)
 
-        with self.lock:
-            job.state, job.started = "running", time.time()
-            self.book.save(job)
         try:
+            with self.lock:
+                job.state, job.started = "running", time.time()
+                self.book.save(job)
             result = fn(progress)
             state, error = "succeeded", None
         except DocentError as exc:

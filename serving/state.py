@@ -11,6 +11,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from psycopg_pool import PoolTimeout
+
 from docent import pg
 from docent.engine import Engine, build_engine
 from docent.engine.factory import resolve_engine_kind
@@ -20,7 +23,6 @@ from docent.progress import Progress
 from docent.settings import DocentSettings
 from docent.workspace import Workspace
 from ingest.embedder import Embedder
-from ingest.stores import live_version
 from raft.adapters import AdapterInfo
 from raft.merge import merged_weights, serving_engine
 from raft.registry_store import open_registry
@@ -127,7 +129,7 @@ class ServingState:
             if retriever is None:
                 self.rag.retriever = _open_retriever(self.settings, self.embedder)
                 return self.rag.retriever is not None
-            newest = live_version(self.settings)
+            newest = retriever.latest_version()
             if newest is None or newest == retriever.version:
                 return False
             switched = retriever.reload()
@@ -140,7 +142,7 @@ class ServingState:
             await asyncio.sleep(INDEX_POLL_S)
             try:
                 await asyncio.to_thread(self.sync_index)
-            except DocentError as exc:
+            except (DocentError, psycopg.Error, PoolTimeout) as exc:  # e.g. Postgres restarting
                 log.warning("index reload failed, still on the old version: %s", exc)
 
     # The promoted adapter ------------------------------------------------------------------
@@ -185,7 +187,7 @@ class ServingState:
             try:
                 await asyncio.to_thread(self.follow_promoted, retry_failed=False)
                 last_error = None
-            except (DocentError, OSError, ValueError) as exc:
+            except (DocentError, OSError, ValueError, psycopg.Error, PoolTimeout) as exc:
                 if str(exc) != last_error:  # once, not every few seconds
                     log.warning("cannot follow the promoted adapter: %s", exc)
                 last_error = str(exc)

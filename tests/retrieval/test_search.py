@@ -226,3 +226,27 @@ def test_a_selective_filter_still_fills_top_k(retriever):
             filters=Filters.of(source=source),
         )
         assert len(hits) == 8 and {h.source for h in hits} == {source}
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_full_text_matches_identifiers_and_ignores_unknown_words(
+    tmp_path, embedder, store, request
+):
+    """Found in review: on Postgres, Postgres's parser split "max_file_mb" in chunks but not in
+    queries, and a word no chunk holds could leave no lexeme to select rows."""
+    from ingest.pipeline import refresh_index
+
+    settings = settings_on(store, request, workspace=tmp_path / "ws")
+    docs = write_corpus(
+        tmp_path / "docs",
+        {
+            "limits.md": "# Limits\n\nSet max_file_mb to raise the largest file size accepted.",
+            "hours.md": "# Hours\n\nThe desk opens at nine and the file room at ten.",
+        },
+    )
+    refresh_index([docs], settings, embedder=embedder)
+    retriever = Retriever(settings, embedder=embedder)
+    hits = retriever.search("What does max_file_mb do? xyzzyplugh", k=2, mode="bm25")
+    assert hits and hits[0].source == "limits.md"
+    assert retriever.search("xyzzyplugh", k=2, mode="bm25") == []
+    retriever.close()
