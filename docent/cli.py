@@ -146,6 +146,12 @@ def ingest(
     chunk_overlap: Annotated[int | None, typer.Option(help="Chunk overlap in tokens.")] = None,
     index_type: Annotated[str | None, typer.Option(help="auto, flat, hnsw or ivf.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Embedding batch size.")] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="Embedding precision: auto, fp32, bf16 or int8 (a change needs --rebuild)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Read, chunk and embed documents; re-running only re-embeds what changed."""
@@ -158,6 +164,7 @@ def ingest(
         chunk_overlap=chunk_overlap,
         index_type=index_type,
         embed_batch_size=batch_size,
+        embed_precision=precision,
     )
     report = _run_stage(refresh_index, paths, settings, collection=collection, rebuild=rebuild)
     if as_json:

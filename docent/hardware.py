@@ -31,6 +31,11 @@ def vllm_runs_fast() -> bool:
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
+def cpu_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and /proc/cpuinfo flags (empty off Linux)."""
+    return _cpu_flags()
+
+
 @functools.cache
 def _cpu_flags() -> tuple[str, set[str]]:
     model, flags = platform.processor() or platform.machine(), set()

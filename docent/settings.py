@@ -18,6 +18,7 @@ IndexType = Literal["auto", "flat", "hnsw", "ivf"]
 SearchMode = Literal["hybrid", "dense", "bm25"]
 Fusion = Literal["rrf", "dbsf"]
 EngineKind = Literal["auto", "vllm", "hf", "openai"]
+EmbedPrecision = Literal["auto", "fp32", "bf16", "int8"]
 # TRL DPOTrainer losses Docent offers: plain DPO, and APO-zero (D'Oosterlinck et al. 2024), made
 # for chosen answers better than the model's own (ours are verified targets): it raises the
 # chosen answer's likelihood and lowers the rejected one's separately instead of only their gap.
@@ -94,6 +95,13 @@ class DocentSettings(BaseSettings):
     chunk_size: int = Field(default=192, ge=32, le=8192, description="Chunk size in tokens.")
     chunk_overlap: int = Field(default=32, ge=0, description="Overlap between chunks, tokens.")
     embed_batch_size: int = Field(default=32, ge=1, le=4096)
+    # An index keeps the precision it was built at (its queries follow it); changing it is a
+    # --rebuild. auto: bf16 where the CPU has bf16 instructions and it measured faster, else
+    # fp32 (ingest/embed_precision.py). int8 loses retrieval quality: never chosen by auto.
+    embed_precision: EmbedPrecision = Field(
+        default="auto",
+        description="Embedding precision: auto, fp32, bf16 (CPUs with AVX512-BF16/AMX) or int8.",
+    )
     max_file_mb: float = Field(default=50.0, gt=0, description="Larger files are skipped.")
     index_type: IndexType = Field(default="auto", description="auto: flat below the threshold.")
     exact_search_limit: int = Field(

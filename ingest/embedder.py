@@ -2,25 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from docent.errors import ConfigError
 from docent.models import embedder_id, embedder_path
 from docent.settings import DocentSettings
+from ingest.embed_precision import Precision, parse_precision, resolve_precision
 
 log = logging.getLogger(__name__)
 
 
 class Embedder:
-    """Normalised float32 embeddings, so inner product is cosine similarity."""
+    """Normalised float32 embeddings, so inner product is cosine similarity.
 
-    def __init__(self, name: str = "default", device: str = "cpu") -> None:
+    ``precision`` is what the model computes in (``ingest.embed_precision``): an index records
+    it, and its queries must be embedded the same way; ``at_precision`` gives the sibling
+    embedder for another precision, loaded once and shared by every caller of this one.
+    """
+
+    def __init__(
+        self,
+        name: str = "default",
+        device: str = "cpu",
+        precision: str = "fp32",
+        cache_dir: Path | None = None,
+        *,
+        _family: dict[str, Embedder] | None = None,
+    ) -> None:
         from sentence_transformers import SentenceTransformer
 
+        self.name, self.device = name, device
+        self.precision: Precision = parse_precision(precision)
+        self.cache_dir = (cache_dir or Path("~/.cache/docent")).expanduser()
         self.model_id = embedder_id(name)
-        self.model = SentenceTransformer(embedder_path(name), device=device)
+        path = embedder_path(name)
+        self.model = SentenceTransformer(path, device=device)
+        if self.precision == "int8":
+            self._use_onnx_int8(path)
         dim_of = (
             getattr(self.model, "get_embedding_dimension", None)
             or self.model.get_sentence_embedding_dimension
@@ -28,10 +52,47 @@ class Embedder:
         self.dim: int = dim_of() or 0
         self.max_tokens: int = self.model.max_seq_length or 512
         self.tokenizer = self.model.tokenizer
+        self._family = _family if _family is not None else {}
+        self._family.setdefault(self.precision, self)
+        self._family_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: DocentSettings) -> Embedder:
-        return cls(settings.embedder, settings.device)
+        precision = resolve_precision(
+            settings.embed_precision, settings.embedder, settings.device, settings.cache_dir
+        )
+        return cls(settings.embedder, settings.device, precision, settings.cache_dir)
+
+    def at_precision(self, precision: str) -> Embedder:
+        """This embedder at ``precision`` (itself when it already is)."""
+        precision = parse_precision(precision)
+        with self._family_lock:
+            sibling = self._family.get(precision)
+            if sibling is None:
+                sibling = Embedder(
+                    self.name, self.device, precision, self.cache_dir, _family=self._family
+                )
+                sibling._family_lock = self._family_lock
+        return sibling
+
+    def _use_onnx_int8(self, path: str) -> None:
+        from ingest.onnx_int8 import OnnxEncoder, int8_model_file
+
+        transformer = self.model[0]
+        config = getattr(getattr(transformer, "model", None), "config", None)
+        if config is None:
+            raise ConfigError(f"the embedder {self.model_id} has no transformer to export to int8")
+        transformer.model = OnnxEncoder(int8_model_file(path, self.cache_dir), config)
+
+    def _compute(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        import torch
+
+        # Autocast: matmuls in bf16, the weights kept in fp32 (cast once per call) and
+        # layer norms, softmax and pooling in fp32. bf16 weights were faster still but lost
+        # more (ingest/embed_precision.py has the figures).
+        return torch.autocast(device_type=self.model.device.type, dtype=torch.bfloat16)
 
     def count_tokens(self, text: str) -> list[Any]:
         """Token ids without special tokens: the unit chunk sizes are measured in."""
@@ -41,14 +102,19 @@ class Embedder:
     def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(
-            texts,
-            batch_size=batch_size,
-            show_progress_bar=progress,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-        )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        with self._compute():
+            vectors = self.model.encode(
+                texts,
+                batch_size=batch_size,
+                show_progress_bar=progress,
+                convert_to_numpy=True,
+                normalize_embeddings=self.precision == "fp32",
+            )
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if self.precision != "fp32":
+            # normalized in fp32 here: a bf16 norm leaves lengths up to ~1e-3 off 1
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors
 
     def encode_query(self, query: str) -> np.ndarray:
         return self.encode([query])[0]

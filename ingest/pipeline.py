@@ -25,6 +25,7 @@ from ingest import pg_store, vector_index
 from ingest import store as kstore
 from ingest.chunking import Chunk, Chunker
 from ingest.docstore import DocStore, StoredDocument
+from ingest.embed_precision import LEGACY_PRECISION
 from ingest.embedder import Embedder
 from ingest.lexical_index import LexicalIndex, lexical_text
 from ingest.pg_store import PgDocStore
@@ -109,6 +110,8 @@ class _Run:
         progress: Progress,
     ) -> None:
         self.settings = settings
+        if settings.embed_precision not in ("auto", embedder.precision):
+            embedder = embedder.at_precision(settings.embed_precision)
         self.embedder = embedder
         self.report = report
         self.progress = progress
@@ -132,7 +135,10 @@ class _Run:
         return digest.hexdigest()
 
 
-def _check_compatible(old: DocStore | PgDocStore, embedder: Embedder, index_dir: object) -> None:
+def _check_compatible(old: DocStore | PgDocStore, run: _Run, index_dir: object) -> None:
+    """Refuse to mix embedders or explicit precisions in one index; with
+    ``embed_precision=auto`` keep embedding at the precision the index was built at."""
+    embedder = run.embedder
     built_with = old.get_meta("embedder")
     if built_with and built_with != embedder.model_id:
         raise IndexMismatchError(
@@ -141,6 +147,21 @@ def _check_compatible(old: DocStore | PgDocStore, embedder: Embedder, index_dir:
             f"{built_with!r}, or re-embed everything with `docent ingest --rebuild PATH...` "
             "(the current index stays live until the rebuild finishes)"
         )
+    if not built_with:
+        return  # an empty store: nothing embedded yet
+    built_at = old.get_meta("embed_precision") or LEGACY_PRECISION
+    if built_at == embedder.precision:
+        return
+    if run.settings.embed_precision == "auto":
+        run.embedder = embedder.at_precision(built_at)
+        return
+    raise IndexMismatchError(
+        f"the index in {index_dir} was embedded at {built_at}, but the settings ask for "
+        f"{run.settings.embed_precision}: vectors of two precisions do not mix. Either set "
+        f"DOCENT_EMBED_PRECISION={built_at} (or auto), or re-embed everything with "
+        "`docent ingest --rebuild PATH...` (the current index stays live until the rebuild "
+        "finishes)"
+    )
 
 
 def refresh_index(
@@ -230,7 +251,7 @@ def _refresh_postgres(run: _Run, roots: list[Path], collection: str, rebuild: bo
             db = PgDocStore(conn)
             meta = pg_store.read_meta(conn)
             if not rebuild:
-                _check_compatible(db, run.embedder, pg.redact(settings.store))
+                _check_compatible(db, run, pg.redact(settings.store))
             with db.transaction():
                 # Loading into an indexed table is several times slower than building the
                 # HNSW graph once after the load. Only into an empty table, though: dropping
@@ -271,6 +292,7 @@ def _manifest(run: _Run, db: DocStore | PgDocStore, version: str, kind: str) -> 
         "version": version,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "embedder": run.embedder.model_id,
+        "embed_precision": run.embedder.precision,
         "dim": run.embedder.dim,
         "chunk_size": run.settings.chunk_size,
         "chunk_overlap": run.settings.chunk_overlap,
@@ -296,7 +318,7 @@ def _build_version(
     if live is not None:
         old = DocStore(live / kstore.DOCSTORE, readonly=True)
         try:
-            _check_compatible(old, run.embedder, index_dir)
+            _check_compatible(old, run, index_dir)
             db = old.copy_to(staging / kstore.DOCSTORE)
         finally:
             old.close()
@@ -400,6 +422,7 @@ def _apply(run: _Run, db: DocStore | PgDocStore, roots: list[Path], collection: 
                 db.insert_chunk(chunk, vectors[chunk.text_hash])
             report.documents_changed += 1
         db.set_meta("embedder", run.embedder.model_id)
+        db.set_meta("embed_precision", run.embedder.precision)
         db.set_meta("dim", str(run.embedder.dim))
     return True
 

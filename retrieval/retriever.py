@@ -17,6 +17,7 @@ from docent.settings import DocentSettings, SearchMode
 from docent.workspace import Workspace
 from ingest import pg_store
 from ingest.docstore import StoredChunk
+from ingest.embed_precision import LEGACY_PRECISION
 from ingest.embedder import Embedder
 from ingest.store import current_version
 from ingest.stores import AnyStore, open_store
@@ -80,7 +81,7 @@ class Retriever:
         self.embedder = embedder or Embedder.from_settings(settings)
         # FAISS's thread count is left alone on purpose: faiss and torch share one OpenMP
         # runtime, so faiss.omp_set_num_threads(1) also halved torch (embedding, training).
-        self._check_embedder()
+        self._check_embedder()  # also loads the index's precision now, not at the 1st query
         self.reranker = reranker
         if self.reranker is None and settings.reranker:
             self.reranker = CrossEncoderReranker(settings.reranker, settings.device)
@@ -97,6 +98,22 @@ class Retriever:
                 f"{self.embedder.model_id!r}: run `docent ingest --rebuild PATH...` or set "
                 f"DOCENT_EMBEDDER={built}"
             )
+        built_at = self.query_embedder().precision
+        if self.settings.embed_precision not in ("auto", built_at):
+            log.warning(
+                "the index was embedded at %s but the settings ask for %s: queries follow the "
+                "index (`docent ingest --rebuild PATH...` re-embeds it at the new precision)",
+                built_at,
+                self.settings.embed_precision,
+            )
+
+    def query_embedder(self, store: AnyStore | None = None) -> Embedder:
+        """The embedder at the precision ``store`` (default: the current one) was built at:
+        queries must be embedded the way its chunks were, whatever the settings now say."""
+        manifest = (store or self.store).manifest
+        if not manifest.get("embedder"):
+            return self.embedder  # nothing indexed yet
+        return self.embedder.at_precision(str(manifest.get("embed_precision") or LEGACY_PRECISION))
 
     @property
     def version(self) -> str:
@@ -183,7 +200,8 @@ class Retriever:
             raise ConfigError("rerank asked for, but no reranker is configured (DOCENT_RERANKER)")
         pool = max(k, self.settings.candidate_pool) if (mode == "hybrid" or use_rerank) else k
         started = time.perf_counter()
-        qvec = self.embedder.encode_query(query) if mode in ("dense", "hybrid") else None
+        embedder = self.query_embedder(store)
+        qvec = embedder.encode_query(query) if mode in ("dense", "hybrid") else None
         found = candidates.find(store, query, qvec, pool, flt, lexical=mode in ("bm25", "hybrid"))
         stage_scores: dict[int, dict[str, float]] = {}
         for key, scored in (("dense", found.dense), ("bm25", found.lexical)):
