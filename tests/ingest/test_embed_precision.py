@@ -88,9 +88,10 @@ def test_auto_measures_once_per_machine(tmp_path):
     # remembered: a forged record is believed (no second measurement) ...
     files[0].write_text(json.dumps({**record, "choice": "fp32"}))
     assert embed_precision.resolve_precision("auto", "default", "cpu", tmp_path) == "fp32"
-    # ... and a damaged one is measured again
+    # ... and a damaged one is measured again (the choice may differ on a busy machine)
     files[0].write_text("{not json")
-    assert embed_precision.resolve_precision("auto", "default", "cpu", tmp_path) == choice
+    again = embed_precision.resolve_precision("auto", "default", "cpu", tmp_path)
+    assert json.loads(files[0].read_text())["choice"] == again
 
 
 @pytest.mark.parametrize("store", STORES)
