@@ -1,18 +1,22 @@
 """Which numeric precision the embedder runs at: fp32, bf16 or int8, and ``auto``'s choice.
 
 Embedding is nearly the whole cost of ingest, and fp32 MiniLM already runs near a CPU's fp32
-peak, so only lower precision goes faster. Measured on 1,182 Python-documentation chunks
-(bench/ingest.py has the full table; recall@10 = overlap of each query's top 10 with the fp32
-index's, both sides embedded at the same precision):
+peak, so only lower precision goes faster. Measured by bench/ingest.py on a 2-core Xeon with
+AVX512-BF16 + AMX (recall@10 = overlap of each query's top 10 with the fp32 index's, over 200
+queries on 1,437 chunks of Python documentation, both sides embedded at their own precision):
 
 - **bf16** (torch autocast over bf16 matmul weights; embeddings and layer norms keep fp32
-  parameters): 2.6-2.9x fp32 on a Xeon with AVX512-BF16 + AMX, cosine to fp32 >= 0.9999,
-  recall@10 0.998. Casting the whole model to bf16 was faster (3.2-3.4x) but lost more
-  (recall@10 0.9945, at the edge of the 0.99 bound: bf16 layer-norm weights and embedding
-  table). Without bf16 instructions the matmuls are emulated: 6x *slower* than fp32 (AVX2).
-- **int8** (ONNX Runtime dynamic quantization, per-channel weights): recall@10 0.91-0.93 and
-  no faster than torch fp32 on that Xeon. MiniLM's activations do not survive per-tensor int8;
-  ``auto`` never picks it. It is there for who accepts the loss on a CPU where it pays.
+  parameters): ingest 2.2x the plain fp32 ``encode``, cosine to fp32 >= 0.9999, recall@10
+  0.995, handbook hit@5 unchanged. Casting the whole model to bf16 was faster (3.2-3.4x raw)
+  but lost more (recall@10 0.9945 against 0.998 in a raw-encode comparison: bf16 layer-norm
+  weights and embedding table). Without bf16 instructions the matmuls are emulated: 6x
+  *slower* than fp32 (measured with oneDNN held to AVX2).
+- **int8** (ONNX Runtime dynamic quantization, per-channel int8 weights, per-tensor
+  activations): recall@10 0.89, one handbook question lost, ingest no faster than torch fp32
+  on that Xeon (questions alone are 3x faster: ONNX Runtime's per-call overhead is lower).
+  MiniLM's activations do not survive per-tensor int8; ONNX Runtime's blockwise 8-bit
+  ``MatMulNBits`` kept more (recall 0.98) but ran at 0.6x fp32. ``auto`` never picks int8.
+  It is there for whoever accepts the loss on a CPU where it pays.
 
 ``auto`` therefore chooses between fp32 and bf16 only, and only by measurement: on a CPU with
 bf16 instructions it times both on the same texts once, checks bf16 stays within the quality

@@ -127,6 +127,9 @@ class OnnxEncoder(torch.nn.Module):
         self.config = config  # sentence-transformers reads the model type from it
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
+        # Spinning threads would keep the cores busy after each call: torch code run next
+        # (the reranker, the generator on the same CPU) took 18 ms instead of 7 on 2 cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(model_file), options, providers=["CPUExecutionProvider"]
         )

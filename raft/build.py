@@ -735,6 +735,7 @@ def _write(
         "format": fmt,
         "index_version": store.version,
         "embedder": store.manifest.get("embedder"),
+        "embed_precision": store.manifest.get("embed_precision", "fp32"),
         "chunk_size": store.manifest.get("chunk_size"),
         "chunks": {
             c.chunk_id: c.text_hash for c in store.iter_chunks() if c.chunk_id in used

@@ -37,7 +37,9 @@ def _handbook_texts(n: int = 24) -> list[str]:
     return texts[:n]
 
 
-@pytest.mark.parametrize(("precision", "min_cosine"), [("bf16", 0.999), ("int8", 0.97)])
+@pytest.mark.parametrize(
+    ("precision", "min_cosine"), [("fp32", 1 - 1e-6), ("bf16", 0.999), ("int8", 0.95)]
+)
 def test_lower_precisions_stay_close_to_fp32(embedder, precision, min_cosine):
     texts = _handbook_texts()
     reference = embedder.encode(texts)
@@ -50,9 +52,13 @@ def test_lower_precisions_stay_close_to_fp32(embedder, precision, min_cosine):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     cosines = (vectors * reference).sum(axis=1)
     assert cosines.min() >= min_cosine
-    assert cosines.min() < 1 - 1e-7  # really computed another way
+    if precision != "fp32":
+        assert cosines.min() < 1 - 1e-7  # really computed another way
     # each text is still nearest to its own fp32 vector
     assert (np.argmax(vectors @ reference.T, axis=1) == np.arange(len(texts))).all()
+    # a question alone (the fast path of /v1/ask) gets the vector a batch of one gets
+    question = "When does the support desk answer tickets?"
+    np.testing.assert_allclose(other.encode_query(question), other.encode([question])[0], atol=2e-6)
 
 
 def test_int8_model_is_built_once_in_the_cache(embedder):
