@@ -249,6 +249,22 @@ def edit_files(root: Path, fraction: float, revision: int, rng: random.Random) -
     return chosen
 
 
+def _ingest_at(
+    precision: str, source: Path, workspace: Path, base: Any, args: Any, label: str
+) -> tuple[Any, Any, Timer]:
+    """``source`` ingested into a fresh ``workspace`` at ``precision``: settings, report, time."""
+    from docent.settings import DocentSettings
+    from ingest.embed_precision import parse_precision
+
+    settings = DocentSettings(
+        workspace=workspace,
+        embed_precision=parse_precision(precision),
+        embed_batch_size=args.batch_size,
+    )
+    report, timer, _stages = timed_refresh([source], settings, base.at_precision(precision), label)
+    return settings, report, timer
+
+
 def build_doc_corpus(dest: Path, modules: int) -> dict[str, Any]:
     """Real, non-repeating documentation for recall: the Python reference topics of
     ``pydoc_data.topics`` and the docstrings (> MIN_DOC_WORDS words) of the public members of
@@ -551,7 +567,6 @@ def recall_section(
     import numpy as np
 
     from docent.settings import DocentSettings
-    from ingest.embed_precision import parse_precision
     from retrieval.retriever import Retriever
 
     corpus = tmp / "pydoc"
@@ -565,13 +580,8 @@ def recall_section(
     out: dict[str, Any] = {"corpus": info, "ingest": {}, "precisions": {}}
     workspaces: dict[str, DocentSettings] = {}
     for p in precisions:
-        settings = DocentSettings(
-            workspace=tmp / f"recall-{p}",
-            embed_precision=parse_precision(p),
-            embed_batch_size=args.batch_size,
-        )
-        report, timer, _stages = timed_refresh(
-            [corpus], settings, base.at_precision(p), f"recall corpus at {p}"
+        settings, report, timer = _ingest_at(
+            p, corpus, tmp / f"recall-{p}", base, args, f"recall corpus at {p}"
         )
         workspaces[p] = settings
         out["ingest"][p] = {
@@ -629,8 +639,6 @@ def handbook_section(
     and whole-search latency, one question at a time, precisions interleaved."""
     import numpy as np
 
-    from docent.settings import DocentSettings
-    from ingest.embed_precision import parse_precision
     from retrieval.retriever import Retriever
 
     rows, questions = _handbook_questions()
@@ -640,13 +648,13 @@ def handbook_section(
     retrievers: dict[str, Any] = {}
     try:
         for p in precisions:
-            settings = DocentSettings(
-                workspace=tmp / f"handbook-{p}",
-                embed_precision=parse_precision(p),
-                embed_batch_size=args.batch_size,
-            )
-            report, timer, _stages = timed_refresh(
-                [ROOT / "examples" / "handbook"], settings, base.at_precision(p), f"handbook at {p}"
+            settings, report, timer = _ingest_at(
+                p,
+                ROOT / "examples" / "handbook",
+                tmp / f"handbook-{p}",
+                base,
+                args,
+                f"handbook at {p}",
             )
             retriever = retrievers[p] = Retriever(settings, embedder=base)
             hits = [
