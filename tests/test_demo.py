@@ -1,7 +1,7 @@
 """The README's main-job command, `make demo`, on a tiny budget, with the engine a user gets.
 
 It runs the very commands the README gives (through the Makefile), with a real adapter:
-ingest the handbook, build a RAFT set from 4 chunks with rule-written questions (no QA file),
+ingest the handbook, build a RAFT set from 6 chunks with rule-written questions (no QA file),
 train 1 step and let the gate decide on its promotion, evaluate the four systems with that
 adapter on 2 answerable + 1 unanswerable questions, answer one question. A dying engine
 (vLLM's LoRA path timed out on both CPU kinds) fails `make` and so this test; the CPU kind
@@ -43,7 +43,7 @@ def test_make_demo_runs_the_whole_loop(tmp_path):
     started = time.perf_counter()
     done = subprocess.run(
         ["make", "--no-print-directory", "demo", f"WORKSPACE={workspace}",
-         "DEMO_STEPS=1", "DEMO_QUESTIONS=2", "DEMO_RAFT_LIMIT=4", "DEMO_MAX_TOKENS=32"],
+         "DEMO_STEPS=1", "DEMO_QUESTIONS=2", "DEMO_RAFT_LIMIT=6", "DEMO_MAX_TOKENS=32"],
         cwd=ROOT, env={**env, "COLUMNS": "200"}, capture_output=True, text=True, timeout=1400,
     )
     seconds = time.perf_counter() - started
