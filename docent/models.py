@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
@@ -98,17 +99,22 @@ def generator_path(name: str = DEFAULT, cache_dir: Path | None = None) -> str:
     return _explicit_model(name, "generator")
 
 
+def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """``target`` (a folder in the cache), made by ``build(target)`` unless its ``marker``
+    file is already there; process-safe: concurrent callers wait for the first to finish."""
+    if (target / marker).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / marker).exists():  # another process may have built it meanwhile
+            build(target)
+    return target
+
+
 def ensure_converted_smollm2(cache_dir: Path) -> Path:
     """The plain-HF copy of the embedded SmolLM2, built once per cache dir (process-safe)."""
     target = cache_dir / f"smollm2-135m-instruct-v{CONVERSION_VERSION}"
-    if (target / "model.safetensors").exists():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "model.safetensors").exists():
-            return target  # another process converted it while we waited
-        _convert_gguf(generator_gguf(), target)
-    return target
+    return build_once(target, "model.safetensors", lambda t: _convert_gguf(generator_gguf(), t))
 
 
 def _convert_gguf(gguf_file: Path, target: Path) -> None:

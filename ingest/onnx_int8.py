@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 
 from docent.errors import ConfigError
+from docent.models import build_once
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,7 @@ def int8_model_file(model_path: str, cache_dir: Path) -> Path:
     """The quantized ONNX file for the embedder at ``model_path``, built on first use."""
     digest = hashlib.sha256(f"{EXPORT_VERSION}:{Path(model_path).resolve()}".encode()).hexdigest()
     target = cache_dir.expanduser() / f"embedder-onnx-int8-{digest[:16]}"
-    if (target / MODEL_FILE).exists():
-        return target / MODEL_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / MODEL_FILE).exists():
-            return target / MODEL_FILE  # another process built it while we waited
-        _export_quantized(model_path, target)
+    build_once(target, MODEL_FILE, lambda t: _export_quantized(model_path, t))
     return target / MODEL_FILE
 
 
