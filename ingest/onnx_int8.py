@@ -5,8 +5,14 @@ sentence-transformers').
 Hand-written glue, on purpose: sentence-transformers' own ``backend="onnx"`` needs
 ``optimum-onnx``, which pins transformers < 4.58 while Docent runs transformers 5 (vLLM and
 TRL need it). The pieces are the libraries': ``torch.onnx.export``,
-``onnxruntime.quantization.quantize_dynamic`` (per-channel int8 weights, as optimum's
-``avx512_vnni`` config) and an ``InferenceSession``.
+``onnxruntime.transformers.optimizer.optimize_model`` (fuses each layer's attention, the
+embeddings' layer norm, the GELUs and the residual layer norms into ONNX Runtime's own
+kernels), ``onnxruntime.quantization.quantize_dynamic`` (per-channel int8 weights, as
+optimum's ``avx512_vnni`` config; the fused attention becomes ``QAttention``) and an
+``InferenceSession``. Fusing first is what makes int8 pay: on a 2-core AVX512 Xeon the unfused
+quantized graph embedded 1,437 chunks no faster than torch fp32 (~55 chunks/s), the fused one
+at ~85 chunks/s (1.5x). The fusion recognises BERT's attention only in its eager form, so the
+export asks transformers for ``attn_implementation="eager"`` (the SDPA form stays unfused).
 
 The quantized model is built once per embedder from its local folder (no hub) and cached
 under ``cache_dir`` behind a file lock, like the converted SmolLM2.
@@ -26,25 +32,30 @@ from typing import Any
 import torch
 
 from docent.errors import ConfigError
+from docent.hardware import cpu_has_int8_dot
 from docent.models import build_once
 
 log = logging.getLogger(__name__)
 
 # Bumped whenever the export or the quantization below changes, so stale caches are rebuilt.
-EXPORT_VERSION = "1"
+EXPORT_VERSION = "2"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MODEL_FILE = "model_int8.onnx"
 
 
 def int8_model_file(model_path: str, cache_dir: Path) -> Path:
-    """The quantized ONNX file for the embedder at ``model_path``, built on first use."""
-    digest = hashlib.sha256(f"{EXPORT_VERSION}:{Path(model_path).resolve()}".encode()).hexdigest()
+    """The quantized ONNX file for the embedder at ``model_path`` on this CPU, built on first
+    use. CPUs without an 8-bit dot product get 7-bit weights (ONNX Runtime's advice against
+    saturating its u8 x s8 kernels there), so the cache key says which."""
+    reduce_range = not cpu_has_int8_dot()
+    key = f"{EXPORT_VERSION}:{Path(model_path).resolve()}:{'7bit' if reduce_range else '8bit'}"
+    digest = hashlib.sha256(key.encode()).hexdigest()
     target = cache_dir.expanduser() / f"embedder-onnx-int8-{digest[:16]}"
-    build_once(target, MODEL_FILE, lambda t: _export_quantized(model_path, t))
+    build_once(target, MODEL_FILE, lambda t: _export_quantized(model_path, t, reduce_range))
     return target / MODEL_FILE
 
 
-def _export_quantized(model_path: str, target: Path) -> None:
+def _export_quantized(model_path: str, target: Path, reduce_range: bool = False) -> None:
     try:
         import onnxruntime  # noqa: F401
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -56,7 +67,7 @@ def _export_quantized(model_path: str, target: Path) -> None:
     from transformers import AutoModel, AutoTokenizer
 
     log.info("exporting %s to int8 ONNX at %s (once)", model_path, target)
-    model = AutoModel.from_pretrained(model_path).eval()
+    model = AutoModel.from_pretrained(model_path, attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     sample = tokenizer(
         ["a short text", "and a longer one to pad"], padding=True, return_tensors="pt"
@@ -84,21 +95,55 @@ def _export_quantized(model_path: str, target: Path) -> None:
                 dynamo=False,
             )
         onnx.checker.check_model(str(fp32_file))
+        fused_file = _fuse(fp32_file, model.config)
         quantize_dynamic(
-            str(fp32_file),
+            str(fused_file),
             str(staging / MODEL_FILE),
             weight_type=QuantType.QInt8,
             per_channel=True,
+            reduce_range=reduce_range,
+            # The matmuls only: an int8 embedding table saves no time (it is a lookup) and
+            # cost recall (0.897 against 0.9005 at recall@10 on the bench corpus).
+            op_types_to_quantize=["MatMul", "Attention"],
             # shape inference leaves some MatMul outputs untyped in the exported graph
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
-        fp32_file.unlink()
+        for f in {fp32_file, fused_file}:
+            f.unlink()
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _fuse(fp32_file: Path, config: Any) -> Path:
+    """``fp32_file`` with ONNX Runtime's BERT fusions applied, saved beside it; ``fp32_file``
+    itself for a model that is not BERT (quantized unfused: right, only slower)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    heads = getattr(config, "num_attention_heads", 0)
+    hidden = getattr(config, "hidden_size", 0)
+    if getattr(config, "model_type", "") != "bert" or not heads or not hidden:
+        log.warning(
+            "int8 embedder: %r is not BERT; quantizing it unfused (slower)",
+            getattr(config, "model_type", None),
+        )
+        return fp32_file
+    fused = optimize_model(str(fp32_file), model_type="bert", num_heads=heads, hidden_size=hidden)
+    counts = fused.get_fused_operator_statistics()
+    layers = getattr(config, "num_hidden_layers", 0)
+    if counts.get("Attention", 0) != layers:
+        # Still correct, only slower: say so, as the bench's int8 figures assume the fusion.
+        log.warning(
+            "int8 embedder: ONNX Runtime fused %s of %s attention layers; int8 runs slower",
+            counts.get("Attention", 0),
+            layers,
+        )
+    target = fp32_file.with_name("model_fused.onnx")
+    fused.save_model_to_file(str(target))
+    return target
 
 
 class _ByName(torch.nn.Module):

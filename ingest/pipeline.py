@@ -25,7 +25,7 @@ from ingest import pg_store, vector_index
 from ingest import store as kstore
 from ingest.chunking import Chunk, Chunker
 from ingest.docstore import DocStore, StoredDocument
-from ingest.embed_precision import LEGACY_PRECISION
+from ingest.embed_precision import LEGACY_PRECISION, slow_here
 from ingest.embedder import Embedder
 from ingest.lexical_index import LexicalIndex, lexical_text
 from ingest.pg_store import PgDocStore
@@ -154,6 +154,8 @@ def _check_compatible(old: DocStore | PgDocStore, run: _Run, index_dir: object) 
         return
     if run.settings.embed_precision == "auto":
         run.embedder = embedder.at_precision(built_at)
+        if (why := slow_here(built_at, embedder.device)) is not None:
+            log.warning(why)
         return
     raise IndexMismatchError(
         f"the index in {index_dir} was embedded at {built_at}, but the settings ask for "

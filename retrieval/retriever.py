@@ -17,7 +17,7 @@ from docent.settings import DocentSettings, SearchMode
 from docent.workspace import Workspace
 from ingest import pg_store
 from ingest.docstore import StoredChunk
-from ingest.embed_precision import LEGACY_PRECISION
+from ingest.embed_precision import LEGACY_PRECISION, slow_here
 from ingest.embedder import Embedder
 from ingest.store import current_version
 from ingest.stores import AnyStore, open_store
@@ -99,6 +99,8 @@ class Retriever:
                 f"DOCENT_EMBEDDER={built}"
             )
         built_at = self.query_embedder().precision
+        if (why := slow_here(built_at, self.embedder.device)) is not None:
+            log.warning(why)
         if self.settings.embed_precision not in ("auto", built_at):
             log.warning(
                 "the index was embedded at %s but the settings ask for %s: queries follow the "

@@ -70,6 +70,35 @@ def test_int8_model_is_built_once_in_the_cache(embedder):
     assert int8_model_file(embedder_path(), embedder.cache_dir) == first
     assert first.stat().st_mtime_ns == stamp
     assert first.parent.parent == embedder.cache_dir  # outside the clone, beside SmolLM2
+    assert [f.name for f in first.parent.iterdir()] == [first.name]  # no export left behind
+    # ONNX Runtime's BERT fusions ran before quantizing: the int8 speed depends on them
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(first), load_external_data=False).graph.node]
+    layers = embedder.model[0].auto_model.config.num_hidden_layers
+    assert ops.count("QAttention") == layers
+    assert "EmbedLayerNormalization" in ops and "MatMulInteger" in ops  # embeddings stay fp32
+
+
+def test_int8_on_a_cpu_without_an_int8_dot_product_gets_7_bit_weights(
+    embedder, tmp_path, monkeypatch
+):
+    from docent.models import embedder_path
+    from ingest import onnx_int8
+
+    eight = onnx_int8.int8_model_file(embedder_path(), embedder.cache_dir)
+    # This CPU can't turn into the AVX2 kind; the flag check is what is replaced, so the
+    # AVX2 machines' export (ONNX Runtime's reduce_range) is built and run here.
+    monkeypatch.setattr(onnx_int8, "cpu_has_int8_dot", lambda: False)
+    seven = onnx_int8.int8_model_file(embedder_path(), tmp_path)
+    assert seven.parent.name != eight.parent.name  # cached apart: a CPU change rebuilds
+    texts = _handbook_texts(8)
+    reference = embedder.encode(texts)
+    model = embedder.model.__class__(embedder_path(), device="cpu")
+    model[0].model = onnx_int8.OnnxEncoder(seven, model[0].model.config)
+    vectors = model.encode(texts, normalize_embeddings=True)
+    cosines = (vectors * reference).sum(axis=1)
+    assert 0.95 <= cosines.min() < 1 - 1e-7
 
 
 def test_explicit_precision_is_taken_as_given(tmp_path):
@@ -164,3 +193,35 @@ def test_an_index_from_before_precisions_is_fp32(tmp_path, embedder, caplog):
         assert hits[0].source == "bakery.md"
     finally:
         retriever.close()
+
+
+def test_a_bf16_index_on_a_cpu_without_bf16_says_how_to_get_speed_back(
+    tmp_path, embedder, caplog, monkeypatch
+):
+    corpus = write_corpus(tmp_path / "docs", DOCS)
+    settings = DocentSettings(workspace=tmp_path / "ws", embed_precision="bf16")
+    refresh_index([corpus], settings, embedder=embedder)
+    auto = settings.with_overrides(embed_precision="auto")
+    # The index moves to a machine without bf16 instructions (the AVX2 kind); this one
+    # can't become that CPU, so the flag check is what is replaced.
+    monkeypatch.setattr(embed_precision, "cpu_has_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        retriever = Retriever(auto, embedder=embedder)
+    try:
+        assert retriever.query_embedder().precision == "bf16"  # still right, only slow
+        assert "no bf16 instructions" in caplog.text and "--rebuild" in caplog.text
+    finally:
+        retriever.close()
+    caplog.clear()
+    (corpus / "museum.md").write_text("# Museum\n\nThe Tidewater museum shuts on Tuesdays.\n")
+    with caplog.at_level(logging.WARNING):
+        report = refresh_index([corpus], auto, embedder=embedder)
+    assert report.published and report.embedded == 1
+    assert "no bf16 instructions" in caplog.text
+    live = open_store(auto)
+    assert live.manifest["embed_precision"] == "bf16"
+    live.close()
+    # on a CPU with the instructions, nothing to say
+    monkeypatch.setattr(embed_precision, "cpu_has_bf16", lambda: True)
+    assert embed_precision.slow_here("bf16", "cpu") is None
+    assert embed_precision.slow_here("fp32", "cpu") is None
