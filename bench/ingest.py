@@ -51,7 +51,8 @@ CPU's model, instruction sets (AVX2, AVX-512, AVX512-BF16, AMX), torch's kernel 
      does, the gold source among the top 5 of a default (hybrid) search, on the answerable
      test questions of ``qa.jsonl``;
    - **query time**: p50 / p90 ms of ``Retriever.query_embedder().encode_query(q)``, one
-     question at a time, over the first ``--query-questions`` (100) questions of ``qa.jsonl``,
+     question at a time (the ceiling row: plain fp32 ``encode([q])``, the baseline), over
+     the first ``--query-questions`` (100) questions of ``qa.jsonl``,
      and of a whole default ``Retriever.search`` (hybrid, k=5) on the handbook index; one
      block per precision after its own warm-up, all blocks twice in ABBA order (not
      interleaved per question: ONNX Runtime's threads spin after each int8 call and slow
@@ -674,6 +675,7 @@ def handbook_section(
         embedders = {p: retrievers[p].query_embedder() for p in precisions}
         encode_ms: dict[str, list[float]] = {p: [] for p in precisions}
         search_ms: dict[str, list[float]] = {p: [] for p in precisions}
+        plain_ms: list[float] = []
         # One block per precision, forward then backward (ABBA), each after its own warm-up;
         # never interleaved per question: ONNX Runtime's worker threads spin for a while after
         # each int8 call, and torch right after it ran ~2.5x slower on 2 cores.
@@ -687,6 +689,11 @@ def handbook_section(
                 started = time.perf_counter()
                 emb.encode_query(q)
                 encode_ms[p].append(1000 * (time.perf_counter() - started))
+            if p == "fp32":  # the baseline: plain fp32 encode of a batch of one, torch
+                for q in questions:
+                    started = time.perf_counter()
+                    emb.encode([q])
+                    plain_ms.append(1000 * (time.perf_counter() - started))
             for q in _track(questions, f"{p} search"):
                 started = time.perf_counter()
                 retrievers[p].search(q, k=5)
@@ -694,6 +701,8 @@ def handbook_section(
         for p in precisions:
             per[p]["encode_query"] = _percentiles(encode_ms[p])
             per[p]["search_hybrid"] = _percentiles(search_ms[p])
+        if plain_ms:
+            out["plain_encode_one"] = _percentiles(plain_ms)
     finally:
         for retriever in retrievers.values():
             retriever.close()
@@ -734,8 +743,10 @@ def precision_report(
             return "1 (reference)" if recall else "—"
         return f"{rc[p]['recall_at_10']:.3f}" if "recall_at_10" in rc.get(p, {}) else "—"
 
+    plain_one = (handbook or {}).get("plain_encode_one")
+    plain_query = f"{plain_one['p50_ms']:.1f}" if plain_one else "—"
     rows: list[tuple[str, ...]] = [
-        ("plain fp32 encode (ceiling)", f"{ceiling_rate:.1f}", "1.00", "—", "—", "—", "—")
+        ("plain fp32 encode (ceiling)", f"{ceiling_rate:.1f}", "1.00", "—", "—", "—", plain_query)
     ]
     for p in precisions:
         query = f"{hb[p]['encode_query']['p50_ms']:.1f}" if p in hb else "—"

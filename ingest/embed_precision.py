@@ -12,7 +12,7 @@ queries on 1,437 chunks of Python documentation, both sides embedded at their ow
   weights and embedding table). Without bf16 instructions the matmuls are emulated: 6x
   *slower* than fp32 (measured with oneDNN held to AVX2).
 - **int8** (ONNX Runtime: the graph fused by its BERT optimizer, then dynamic quantization with
-  per-channel int8 weights and per-tensor activations): ingest 1.48x the plain fp32
+  per-channel int8 weights and per-tensor activations): ingest ~1.5x the plain fp32
   ``encode``, handbook hit@5 unchanged, but recall@10 0.898. The loss is int8's, not ONNX
   Runtime's: bench/int8_floor.py rounds every linear layer to 8 bits in fp32 arithmetic and no
   scheme that quantizes activations (per tensor, per token, with SmoothQuant) reaches 0.99.

@@ -313,7 +313,10 @@ def _served_default(engine: Engine, adapters: AdapterCatalog) -> str | None:
 
 def _open_retriever(settings: DocentSettings, embedder: Embedder) -> Retriever | None:
     try:
-        return Retriever(settings, embedder=embedder)
+        retriever = Retriever(settings, embedder=embedder)
     except EmptyIndexError:
         log.warning("no index yet: questions get 503 until POST /v1/index/refresh runs")
         return None
+    # The first question would otherwise wait for the question path's one-time build.
+    retriever.query_embedder().warm_questions()
+    return retriever

@@ -59,15 +59,22 @@ def test_lower_precisions_stay_close_to_fp32(embedder, precision, min_cosine):
     # a question alone (the fast path of /v1/ask) gets the vector a batch of one gets
     question = "When does the support desk answer tickets?"
     np.testing.assert_allclose(other.encode_query(question), other.encode([question])[0], atol=2e-6)
+    for text in texts[:4]:  # long ones too: the ONNX Runtime graph takes any length
+        np.testing.assert_allclose(other.encode_query(text), other.encode([text])[0], atol=2e-6)
+    if precision == "fp32":
+        # at fp32 on a CPU, questions run on ONNX Runtime's fused graph (torch embeds batches)
+        from ingest.onnx_embedder import OnnxEncoder
+
+        assert isinstance(other._question_model()[0].model, OnnxEncoder)
 
 
 def test_int8_model_is_built_once_in_the_cache(embedder):
     from docent.models import embedder_path
-    from ingest.onnx_int8 import int8_model_file
+    from ingest.onnx_embedder import onnx_model_file
 
-    first = int8_model_file(embedder_path(), embedder.cache_dir)
+    first = onnx_model_file(embedder_path(), embedder.cache_dir, "int8")
     stamp = first.stat().st_mtime_ns
-    assert int8_model_file(embedder_path(), embedder.cache_dir) == first
+    assert onnx_model_file(embedder_path(), embedder.cache_dir, "int8") == first
     assert first.stat().st_mtime_ns == stamp
     assert first.parent.parent == embedder.cache_dir  # outside the clone, beside SmolLM2
     assert [f.name for f in first.parent.iterdir()] == [first.name]  # no export left behind
@@ -84,18 +91,18 @@ def test_int8_on_a_cpu_without_an_int8_dot_product_gets_7_bit_weights(
     embedder, tmp_path, monkeypatch
 ):
     from docent.models import embedder_path
-    from ingest import onnx_int8
+    from ingest import onnx_embedder
 
-    eight = onnx_int8.int8_model_file(embedder_path(), embedder.cache_dir)
+    eight = onnx_embedder.onnx_model_file(embedder_path(), embedder.cache_dir, "int8")
     # This CPU can't turn into the AVX2 kind; the flag check is what is replaced, so the
     # AVX2 machines' export (ONNX Runtime's reduce_range) is built and run here.
-    monkeypatch.setattr(onnx_int8, "cpu_has_int8_dot", lambda: False)
-    seven = onnx_int8.int8_model_file(embedder_path(), tmp_path)
+    monkeypatch.setattr(onnx_embedder, "cpu_has_int8_dot", lambda: False)
+    seven = onnx_embedder.onnx_model_file(embedder_path(), tmp_path, "int8")
     assert seven.parent.name != eight.parent.name  # cached apart: a CPU change rebuilds
     texts = _handbook_texts(8)
     reference = embedder.encode(texts)
     model = embedder.model.__class__(embedder_path(), device="cpu")
-    model[0].model = onnx_int8.OnnxEncoder(seven, model[0].model.config)
+    model[0].model = onnx_embedder.OnnxEncoder(seven, model[0].model.config)
     vectors = model.encode(texts, normalize_embeddings=True)
     cosines = (vectors * reference).sum(axis=1)
     assert 0.95 <= cosines.min() < 1 - 1e-7

@@ -1,6 +1,11 @@
-"""The embedder's int8 path: an ONNX export of its transformer, dynamically quantized, run by
-ONNX Runtime inside the sentence-transformers model (tokenizing, pooling and normalizing stay
-sentence-transformers').
+"""The embedder's transformer as ONNX Runtime graphs, run inside the sentence-transformers
+model (tokenizing, pooling and normalizing stay sentence-transformers'):
+
+- **int8** (``DOCENT_EMBED_PRECISION=int8``): fused, then dynamically quantized;
+- **fp32**, fused and nothing else: the same vectors as torch (cosine >= 0.9999997), for one
+  question at a time. ONNX Runtime's per-call overhead is far below torch eager's, so a
+  question embeds in 4.4 ms instead of 7.0 (2-core Xeon, 100 handbook questions, p50); in
+  batches torch's fp32 GEMMs were faster (56 against 49 chunks/s), so ingest stays on torch.
 
 Hand-written glue, on purpose: sentence-transformers' own ``backend="onnx"`` needs
 ``optimum-onnx``, which pins transformers < 4.58 while Docent runs transformers 5 (vLLM and
@@ -14,8 +19,8 @@ quantized graph embedded 1,437 chunks no faster than torch fp32 (~55 chunks/s), 
 at ~85 chunks/s (1.5x). The fusion recognises BERT's attention only in its eager form, so the
 export asks transformers for ``attn_implementation="eager"`` (the SDPA form stays unfused).
 
-The quantized model is built once per embedder from its local folder (no hub) and cached
-under ``cache_dir`` behind a file lock, like the converted SmolLM2.
+Each graph is built once per embedder from its local folder (no hub) and cached under
+``cache_dir`` behind a file lock, like the converted SmolLM2.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -37,36 +42,38 @@ from docent.models import build_once
 
 log = logging.getLogger(__name__)
 
-# Bumped whenever the export or the quantization below changes, so stale caches are rebuilt.
+# Bumped whenever the export, fusion or quantization below changes, so stale caches rebuild.
 EXPORT_VERSION = "2"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-MODEL_FILE = "model_int8.onnx"
+OnnxKind = Literal["fp32", "int8"]
+MODEL_FILES: dict[OnnxKind, str] = {"fp32": "model_fused.onnx", "int8": "model_int8.onnx"}
 
 
-def int8_model_file(model_path: str, cache_dir: Path) -> Path:
-    """The quantized ONNX file for the embedder at ``model_path`` on this CPU, built on first
-    use. CPUs without an 8-bit dot product get 7-bit weights (ONNX Runtime's advice against
-    saturating its u8 x s8 kernels there), so the cache key says which."""
-    reduce_range = not cpu_has_int8_dot()
-    key = f"{EXPORT_VERSION}:{Path(model_path).resolve()}:{'7bit' if reduce_range else '8bit'}"
+def onnx_model_file(model_path: str, cache_dir: Path, kind: OnnxKind) -> Path:
+    """The ONNX file of ``kind`` for the embedder at ``model_path`` on this CPU, built on
+    first use. For int8, CPUs without an 8-bit dot product get 7-bit weights (ONNX Runtime's
+    advice against saturating its u8 x s8 kernels there), so the cache key says which."""
+    reduce_range = kind == "int8" and not cpu_has_int8_dot()
+    variant = "int8-7bit" if reduce_range else kind
+    key = f"{EXPORT_VERSION}:{Path(model_path).resolve()}:{variant}"
     digest = hashlib.sha256(key.encode()).hexdigest()
-    target = cache_dir.expanduser() / f"embedder-onnx-int8-{digest[:16]}"
-    build_once(target, MODEL_FILE, lambda t: _export_quantized(model_path, t, reduce_range))
-    return target / MODEL_FILE
+    target = cache_dir.expanduser() / f"embedder-onnx-{kind}-{digest[:16]}"
+    build_once(target, MODEL_FILES[kind], lambda t: _export(model_path, t, kind, reduce_range))
+    return target / MODEL_FILES[kind]
 
 
-def _export_quantized(model_path: str, target: Path, reduce_range: bool = False) -> None:
+def _export(model_path: str, target: Path, kind: OnnxKind, reduce_range: bool) -> None:
     try:
         import onnxruntime  # noqa: F401
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as exc:
         raise ConfigError(
-            "DOCENT_EMBED_PRECISION=int8 needs onnxruntime and onnx: run `make setup`"
+            "the embedder's ONNX path needs onnxruntime and onnx: run `make setup`"
         ) from exc
     import onnx
     from transformers import AutoModel, AutoTokenizer
 
-    log.info("exporting %s to int8 ONNX at %s (once)", model_path, target)
+    log.info("exporting %s to %s ONNX at %s (once)", model_path, kind, target)
     model = AutoModel.from_pretrained(model_path, attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     sample = tokenizer(
@@ -96,20 +103,24 @@ def _export_quantized(model_path: str, target: Path, reduce_range: bool = False)
             )
         onnx.checker.check_model(str(fp32_file))
         fused_file = _fuse(fp32_file, model.config)
-        quantize_dynamic(
-            str(fused_file),
-            str(staging / MODEL_FILE),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            reduce_range=reduce_range,
-            # The matmuls only: an int8 embedding table saves no time (it is a lookup) and
-            # cost recall (0.897 against 0.9005 at recall@10 on the bench corpus).
-            op_types_to_quantize=["MatMul", "Attention"],
-            # shape inference leaves some MatMul outputs untyped in the exported graph
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
-        for f in {fp32_file, fused_file}:
-            f.unlink()
+        final = staging / MODEL_FILES[kind]
+        if kind == "int8":
+            quantize_dynamic(
+                str(fused_file),
+                str(final),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                reduce_range=reduce_range,
+                # The matmuls only: an int8 embedding table saves no time (it is a lookup)
+                # and cost recall (0.897 against 0.9005 at recall@10 on the bench corpus).
+                op_types_to_quantize=["MatMul", "Attention"],
+                # shape inference leaves some MatMul outputs untyped in the exported graph
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
+        elif fused_file != final:
+            fused_file.replace(final)
+        for f in {fp32_file, fused_file} - {final}:
+            f.unlink(missing_ok=True)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
