@@ -91,8 +91,8 @@ class Embedder:
     def _question_model(self) -> Any:
         """What embeds one question: at fp32 on a CPU, the same model with its transformer
         run by ONNX Runtime (built on first use; the same vectors, 7.0 -> 4.4 ms a question
-        on 2 Xeon cores); otherwise the model itself (bf16 has no faster path there, and int8
-        already runs on ONNX Runtime)."""
+        against torch's path on 2 Xeon cores); otherwise the model itself (bf16 has no
+        faster path there, and int8 already runs on ONNX Runtime)."""
         if self.precision != "fp32" or self.device != "cpu":
             return self.model
         with self._question_lock:

@@ -131,14 +131,14 @@ def _export(model_path: str, target: Path, kind: OnnxKind, reduce_range: bool) -
 
 def _fuse(fp32_file: Path, config: Any) -> Path:
     """``fp32_file`` with ONNX Runtime's BERT fusions applied, saved beside it; ``fp32_file``
-    itself for a model that is not BERT (quantized unfused: right, only slower)."""
+    itself for a model that is not BERT (unfused: right, only slower)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     heads = getattr(config, "num_attention_heads", 0)
     hidden = getattr(config, "hidden_size", 0)
     if getattr(config, "model_type", "") != "bert" or not heads or not hidden:
         log.warning(
-            "int8 embedder: %r is not BERT; quantizing it unfused (slower)",
+            "ONNX embedder: %r is not BERT; its graph stays unfused (slower)",
             getattr(config, "model_type", None),
         )
         return fp32_file
@@ -146,9 +146,9 @@ def _fuse(fp32_file: Path, config: Any) -> Path:
     counts = fused.get_fused_operator_statistics()
     layers = getattr(config, "num_hidden_layers", 0)
     if counts.get("Attention", 0) != layers:
-        # Still correct, only slower: say so, as the bench's int8 figures assume the fusion.
+        # Still correct, only slower: say so, as the bench's figures assume the fusion.
         log.warning(
-            "int8 embedder: ONNX Runtime fused %s of %s attention layers; int8 runs slower",
+            "ONNX embedder: ONNX Runtime fused %s of %s attention layers; it runs slower",
             counts.get("Attention", 0),
             layers,
         )
