@@ -88,6 +88,7 @@ serve: setup
 
 bench: setup
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/int8_floor.py
 	$(BIN)/python bench/search.py
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/raft_build.py
