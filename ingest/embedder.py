@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from docent.errors import ConfigError
 from docent.models import embedder_id, embedder_path
 from docent.settings import DocentSettings
 from ingest.embed_precision import Precision, parse_precision, resolve_precision
@@ -80,13 +79,9 @@ class Embedder:
         return sibling
 
     def _use_onnx_int8(self, path: str) -> None:
-        from ingest.onnx_embedder import OnnxEncoder, onnx_model_file
+        from ingest.onnx_embedder import onnx_model_file, run_on_onnx
 
-        transformer = self.model[0]
-        config = getattr(getattr(transformer, "model", None), "config", None)
-        if config is None:
-            raise ConfigError(f"the embedder {self.model_id} has no transformer to export to int8")
-        transformer.model = OnnxEncoder(onnx_model_file(path, self.cache_dir, "int8"), config)
+        run_on_onnx(self.model, onnx_model_file(path, self.cache_dir, "int8"))
 
     def _question_model(self) -> Any:
         """What embeds one question: at fp32 on a CPU, the same model with its transformer
@@ -103,14 +98,12 @@ class Embedder:
     def _onnx_fp32_copy(self) -> Any:
         from sentence_transformers import SentenceTransformer
 
-        from ingest.onnx_embedder import OnnxEncoder, onnx_model_file
+        from ingest.onnx_embedder import onnx_model_file, run_on_onnx
 
         path = embedder_path(self.name)
         try:
             copy = SentenceTransformer(path, device="cpu")
-            transformer: Any = copy[0]
-            config = transformer.model.config
-            transformer.model = OnnxEncoder(onnx_model_file(path, self.cache_dir, "fp32"), config)
+            run_on_onnx(copy, onnx_model_file(path, self.cache_dir, "fp32"))
         except Exception as exc:  # noqa: BLE001  # a slower question beats a failed one
             log.warning("questions embed with torch: no ONNX Runtime fp32 path (%s)", exc)
             return self.model

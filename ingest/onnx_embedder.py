@@ -157,6 +157,16 @@ def _fuse(fp32_file: Path, config: Any) -> Path:
     return target
 
 
+def run_on_onnx(model: Any, model_file: Path) -> None:
+    """Replace the transformer inside the SentenceTransformer ``model`` by ``model_file``
+    run on ONNX Runtime; its tokenizer, pooling and normalizing stay as they are."""
+    transformer = model[0]
+    config = getattr(getattr(transformer, "model", None), "config", None)
+    if config is None:
+        raise ConfigError(f"{type(transformer).__name__} has no transformer to run on ONNX")
+    transformer.model = OnnxEncoder(model_file, config)
+
+
 class _ByName(torch.nn.Module):
     def __init__(self, model: Any, names: list[str]) -> None:
         super().__init__()
